@@ -1,0 +1,3 @@
+from llamastream.cli import main
+
+main()

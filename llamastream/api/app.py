@@ -1,0 +1,45 @@
+"""create_app: the complete server, built from one Settings object."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from llamastream import __version__
+from llamastream.api import native, ops
+from llamastream.chatstream import ChatStream
+from llamastream.config import Settings
+from llamastream.sessions.middleware import SessionMiddleware
+from llamastream.sessions.store import DiskSessionStore
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
+    """The llamastream server app: native chat endpoints, sessions and health."""
+    chat_stream = ChatStream(settings, **overrides)
+    settings = chat_stream.settings
+    store = DiskSessionStore(settings.session_dir, ttl_s=settings.session_ttl_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with chat_stream.lifespan(app):
+                yield
+        finally:
+            store.close()
+
+    app = FastAPI(title="llamastream", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.chat_stream = chat_stream
+    app.state.session_store = store
+    app.add_middleware(
+        SessionMiddleware,
+        store=store,
+        cookie_name=settings.session_cookie,
+        secure=settings.cookie_secure,
+    )
+    app.include_router(native.router)
+    app.include_router(ops.router)
+    return app

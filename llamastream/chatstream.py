@@ -1,0 +1,497 @@
+"""ChatStream: the facade an endpoint calls to stream one chat turn under load control."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Send
+
+from llamastream.api.errors import error_response, invalid_from_validation
+from llamastream.chat.prompt import ChatPrompt, Message, new_message_id
+from llamastream.config import Settings
+from llamastream.engine.pool import WorkerPool
+from llamastream.engine.sampling import GenerationParams, SamplingParams
+from llamastream.engine.slots import SlotController, Ticket
+from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk
+from llamastream.errors import (
+    BodyTooLargeError,
+    GenerationError,
+    InputTooLongError,
+    InvalidRequestError,
+    LlamaStreamError,
+    NothingToRegenerateError,
+    NotReadyError,
+    SessionBusyError,
+)
+from llamastream.sessions.middleware import SessionManager
+from llamastream.sessions.store import Session, new_session_id
+from llamastream.streaming import EventBridge, WatchedStreamResponse
+
+logger = logging.getLogger(__name__)
+
+CallbackMessage = Literal[
+    "success",
+    "client_disconnected_while_streaming",
+    "client_disconnected_before_streaming",
+    "unknown_error_occurred",
+]
+Callback = Callable[[Request, CallbackMessage], Any]
+RequestBody = bytes | str | Mapping[str, Any] | None
+
+MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
+PROMPT_KEY = "chat_prompt"
+PARAMS_KEY = "generation_params"
+
+
+class ChatRequest(BaseModel):
+    """The body of a chat turn."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_input: StrictStr | None = Field(None, min_length=1)
+    regenerate: StrictBool = False
+
+
+@dataclass
+class _Turn:
+    """Everything one accepted chat request carries from queue to callback."""
+
+    request: Request
+    manager: SessionManager | None
+    session: Session
+    prompt: ChatPrompt
+    before: list[Message]
+    tokens: list[int]
+    params: SamplingParams
+    ticket: Ticket
+    callback: Callback | None
+    message_id: str = field(default_factory=new_message_id)
+    text: list[str] = field(default_factory=list)
+    started: bool = False
+    finished: Finished | None = None
+    error: BaseException | None = None
+    job: Job | None = None
+    outcome: CallbackMessage | None = None
+    bridge: EventBridge[Event] = field(default_factory=EventBridge)
+
+    def apply(self, event: Finished | Failed) -> None:
+        if isinstance(event, Finished):
+            self.finished = event
+        else:
+            self.error = event.error
+
+
+class ChatStream:
+    """Streams chat turns from a pool of llama.cpp workers behind a slot controller.
+
+    >>> from fastapi import FastAPI
+    >>> chat_stream = ChatStream(model_path="models/tiny.gguf", num_of_concurrent_executions=2)
+    >>> app = FastAPI(lifespan=chat_stream.lifespan)
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings.model_dump(exclude_unset=True) if settings is not None else {}
+        self.settings = Settings(**{**base, **overrides})
+        self.slots = SlotController(
+            self.settings.num_of_concurrent_executions, self.settings.max_queue_size
+        )
+        self.pool: WorkerPool | None = None
+        self._busy_sessions: set[str] = set()
+
+    # lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self.pool is not None
+
+    async def start(self) -> None:
+        """Load the model into every worker."""
+        pool = WorkerPool(self.settings)
+        await pool.start()
+        self.pool = pool
+
+    async def stop(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    # endpoints
+
+    async def handle_chat_stream_request(
+        self,
+        request: Request,
+        request_body: RequestBody = None,
+        callback: Callback | None = None,
+    ) -> Response:
+        """Queue one chat turn and stream its reply as plain text.
+
+        Errors before the request is accepted come back as 4xx/5xx JSON and change nothing;
+        once accepted, ``callback(request, message)`` fires exactly once, after the stream.
+        """
+        try:
+            pool = self._pool()
+            body = await self._read_body(request, request_body)
+            try:
+                chat = ChatRequest.model_validate(body)
+            except ValidationError as exc:
+                raise invalid_from_validation(exc) from None
+            if not chat.regenerate and chat.user_input is None:
+                raise InvalidRequestError("user_input is required", field="user_input")
+        except LlamaStreamError as exc:
+            return error_response(exc)
+
+        manager, session = self._session_of(request)
+        try:
+            self._lock_session(session)
+        except SessionBusyError as exc:
+            return error_response(exc)
+        try:
+            turn = await self._prepare_turn(request, manager, session, chat, pool, callback)
+        except LlamaStreamError as exc:
+            self._unlock_session(session)
+            return error_response(exc)
+        except BaseException:
+            self._unlock_session(session)
+            raise
+        return WatchedStreamResponse(
+            lambda send: self._stream(turn, pool, send),
+            lambda response: self._close(turn, response),
+        )
+
+    async def handle_clear_context_request(self, request: Request) -> Response:
+        """Forget the conversation of the caller's session."""
+        manager, session = self._session_of(request)
+        try:
+            with self._session_locked(session):
+                prompt = self._prompt_of(session)
+                prompt.clear()
+                await self._save(manager)
+        except LlamaStreamError as exc:
+            return error_response(exc)
+        return JSONResponse({"status": "cleared"})
+
+    async def handle_get_prompt_request(self, request: Request) -> Response:
+        """The caller's conversation: the rendered prompt and its messages."""
+        _, session = self._session_of(request)
+        prompt = self._prompt_of(session)
+        return JSONResponse(
+            {
+                "prompt": prompt.create_prompt(),
+                "messages": [m.to_dict() for m in prompt.messages],
+            }
+        )
+
+    async def handle_get_load_request(self, request: Request) -> Response:
+        load = self.slots.load()
+        return JSONResponse(
+            {
+                "processing": load.processing,
+                "waiting": load.waiting,
+                "max_processing": load.max_processing,
+                "max_waiting": load.max_waiting,
+            }
+        )
+
+    async def handle_set_generation_params_request(
+        self, request: Request, request_body: RequestBody = None
+    ) -> Response:
+        """Store the caller's generation parameters; out-of-range values get 400."""
+        manager, session = self._session_of(request)
+        try:
+            body = await self._read_body(request, request_body)
+            try:
+                params = GenerationParams.model_validate(body)
+            except ValidationError as exc:
+                raise invalid_from_validation(exc) from None
+            if params.max_new_tokens is not None and (
+                params.max_new_tokens > self.settings.max_new_tokens
+            ):
+                raise InvalidRequestError(
+                    f"max_new_tokens: at most {self.settings.max_new_tokens}",
+                    field="max_new_tokens",
+                )
+            with self._session_locked(session):
+                stored = dict(session.get(PARAMS_KEY) or {})
+                stored.update(params.model_dump(exclude_unset=True))
+                session[PARAMS_KEY] = stored
+                await self._save(manager)
+        except LlamaStreamError as exc:
+            return error_response(exc)
+        return JSONResponse(self._effective_params(session))
+
+    async def handle_get_generation_params_request(self, request: Request) -> Response:
+        _, session = self._session_of(request)
+        return JSONResponse(self._effective_params(session))
+
+    # a turn
+
+    async def _prepare_turn(
+        self,
+        request: Request,
+        manager: SessionManager | None,
+        session: Session,
+        chat: ChatRequest,
+        pool: WorkerPool,
+        callback: Callback | None,
+    ) -> _Turn:
+        prompt = self._prompt_of(session)
+        before = list(prompt.messages)
+        if chat.regenerate:
+            prompt.remove_trailing_assistant()
+            if not prompt.messages or prompt.messages[-1].role != "user":
+                prompt.messages[:] = before
+                raise NothingToRegenerateError(
+                    "there is no user input to regenerate a reply for", field="regenerate"
+                )
+            if chat.user_input is not None:
+                prompt.messages[-1].content = chat.user_input
+        else:
+            assert chat.user_input is not None
+            prompt.add_user_message(chat.user_input)
+        params = self._sampling_params(session)
+        try:
+            tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, pool, prompt, params)
+            max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
+            params = params.updated(max_new_tokens=max_new)
+            ticket = self.slots.reserve()
+        except BaseException:
+            prompt.messages[:] = before
+            raise
+        return _Turn(request, manager, session, prompt, before, tokens, params, ticket, callback)
+
+    def _tokenize_fitting(
+        self, pool: WorkerPool, prompt: ChatPrompt, params: SamplingParams
+    ) -> list[int]:
+        budget = self.settings.n_ctx - params.max_new_tokens
+        view = prompt.copy()
+        if view.fit(lambda text: len(pool.tokenize(text)), budget) > budget:
+            raise InputTooLongError(
+                f"the input does not fit in the context window ({budget} tokens)",
+                field="user_input",
+            )
+        return pool.tokenize(view.create_prompt())
+
+    async def _stream(self, turn: _Turn, pool: WorkerPool, send: Send) -> None:
+        """Wait for a slot, run the job, and send its text as it comes.
+
+        The history is saved before the last body message, so a client that has read the whole
+        reply always finds it stored.
+        """
+        slot = await turn.ticket.wait()
+        turn.job = Job(turn.tokens, turn.params, turn.bridge.put)
+        pool.submit(slot, turn.job)
+        try:
+            while turn.finished is None and turn.error is None:
+                event = await turn.bridge.get()
+                if isinstance(event, TextChunk):
+                    turn.text.append(event.text)
+                    if not turn.started:
+                        await send(_start(turn))
+                    await send(_body(event.text.encode(), more=True))
+                    turn.started = True
+                else:
+                    turn.apply(event)
+            if turn.error is not None:
+                if not turn.started:
+                    await error_response(GenerationError("generation failed"))(
+                        {"type": "http"}, _no_receive, send
+                    )
+                return
+            await self._settle(turn, "success")
+            if not turn.started:
+                await send(_start(turn))
+            await send(_body(b"", more=False))
+        except Exception as exc:  # an error of ours mid-stream: end this request only
+            logger.exception("chat stream failed")
+            turn.error = exc
+
+    async def _settle(self, turn: _Turn, outcome: CallbackMessage) -> None:
+        """Stop the job, free the slot, and store the turn's history; once per turn."""
+        if turn.outcome is not None:
+            return
+        turn.outcome = outcome
+        if turn.job is not None:
+            turn.job.cancel.set()
+            while turn.finished is None and turn.error is None:
+                event = await turn.bridge.get()
+                if isinstance(event, TextChunk):
+                    turn.text.append(event.text)
+                else:
+                    turn.apply(event)
+        turn.ticket.release()
+        text = "".join(turn.text)
+        if outcome == "success":
+            turn.prompt.add_assistant_message(text, message_id=turn.message_id)
+        elif turn.started:
+            turn.prompt.add_assistant_message(text, partial=True, message_id=turn.message_id)
+        else:
+            turn.prompt.messages[:] = turn.before
+        try:
+            if turn.prompt.messages != turn.before:
+                await self._save(turn.manager)
+        except Exception:
+            logger.exception("could not save session %s", turn.session.id[:8])
+            turn.outcome = "unknown_error_occurred"
+        finally:
+            self._unlock_session(turn.session)
+
+    async def _close(self, turn: _Turn, response: WatchedStreamResponse) -> None:
+        """Every path ends here once: settle the turn if the stream did not, then call back."""
+        if turn.error is not None:
+            outcome: CallbackMessage = "unknown_error_occurred"
+        elif response.disconnected and turn.started:
+            outcome = "client_disconnected_while_streaming"
+        elif response.disconnected:
+            outcome = "client_disconnected_before_streaming"
+        else:
+            outcome = "success"
+        await self._settle(turn, outcome)
+        assert turn.outcome is not None
+        logger.info(
+            "chat turn %s: %s, %d prompt + %d generated tokens",
+            turn.message_id[:8],
+            turn.outcome,
+            len(turn.tokens),
+            turn.finished.completion_tokens if turn.finished else 0,
+        )
+        await _fire(turn.callback, turn.request, turn.outcome)
+        if turn.error is not None and turn.started:
+            raise GenerationError("generation failed mid-stream") from turn.error
+
+    # sessions
+
+    def _session_of(self, request: Request) -> tuple[SessionManager | None, Session]:
+        manager = getattr(request.state, "session", None)
+        if isinstance(manager, SessionManager):
+            return manager, manager.get_session()
+        # Without SessionMiddleware every request is a conversation of its own.
+        return None, Session(new_session_id())
+
+    def _lock_session(self, session: Session) -> None:
+        if session.id in self._busy_sessions:
+            raise SessionBusyError("another request of this session is still running")
+        self._busy_sessions.add(session.id)
+
+    def _unlock_session(self, session: Session) -> None:
+        self._busy_sessions.discard(session.id)
+
+    @contextmanager
+    def _session_locked(self, session: Session) -> Iterator[None]:
+        self._lock_session(session)
+        try:
+            yield
+        finally:
+            self._unlock_session(session)
+
+    def _prompt_of(self, session: Session) -> ChatPrompt:
+        prompt = session.get(PROMPT_KEY)
+        if not isinstance(prompt, ChatPrompt):
+            prompt = session[PROMPT_KEY] = ChatPrompt()
+        prompt.system_prompt = self.settings.system_prompt
+        if self.pool is not None:
+            prompt.template = self.pool.template
+        return prompt
+
+    async def _save(self, manager: SessionManager | None) -> None:
+        if manager is not None:
+            await anyio.to_thread.run_sync(manager.save_session)
+
+    def _sampling_params(self, session: Session) -> SamplingParams:
+        s = self.settings
+        defaults = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            repeat_penalty=s.repeat_penalty,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed,
+        )
+        return defaults.updated(**(session.get(PARAMS_KEY) or {}))
+
+    def _effective_params(self, session: Session) -> dict[str, Any]:
+        p = self._sampling_params(session)
+        return {
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "repeat_penalty": p.repeat_penalty,
+            "max_new_tokens": p.max_new_tokens,
+            "seed": p.seed,
+        }
+
+    # helpers
+
+    def _pool(self) -> WorkerPool:
+        if self.pool is None:
+            raise NotReadyError("the model is not loaded")
+        return self.pool
+
+    async def _read_body(self, request: Request, given: RequestBody) -> Any:
+        if isinstance(given, Mapping):
+            return dict(given)
+        raw = given if given is not None else await request.body()
+        if isinstance(raw, str):
+            raw = raw.encode()
+        if len(raw) > self.settings.max_body_bytes:
+            raise BodyTooLargeError(
+                f"the body is larger than {self.settings.max_body_bytes} bytes", field="body"
+            )
+        try:
+            data = json.loads(raw)
+        except UnicodeDecodeError:
+            raise InvalidRequestError("the body is not valid UTF-8", field="body") from None
+        except ValueError:
+            raise InvalidRequestError("the body is not valid JSON", field="body") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the body must be a JSON object", field="body")
+        return data
+
+
+def _start(turn: _Turn) -> dict[str, Any]:
+    return {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+            (MESSAGE_ID_HEADER.lower().encode(), turn.message_id.encode()),
+        ],
+    }
+
+
+def _body(data: bytes, *, more: bool) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+async def _fire(callback: Callback | None, request: Request, message: CallbackMessage) -> None:
+    if callback is None:
+        return
+    try:
+        result = callback(request, message)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("completion callback raised (message %s)", message)

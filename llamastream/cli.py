@@ -1,0 +1,111 @@
+"""`llamastream serve | download`: the command line. The only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from llamastream.config import Settings
+
+logger = logging.getLogger("llamastream")
+
+# Short names for the flags people type most; every Settings field also has --field-name.
+ALIASES = {
+    "model_path": ["--model", "-m"],
+    "num_of_concurrent_executions": ["--slots"],
+    "max_queue_size": ["--queue"],
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (also LLAMASTREAM_<NAME> environment variables)")
+    for name, info in Settings.model_fields.items():
+        flags = [*ALIASES.get(name, []), "--" + name.replace("_", "-")]
+        if info.annotation is bool:
+            group.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, help=info.description
+            )
+        else:
+            default = info.default if info.default is not None else "unset"
+            group.add_argument(
+                *flags, dest=name, metavar="VALUE", help=f"{info.description} [{default}]"
+            )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given; the rest from the environment and the defaults."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamastream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    _add_settings_flags(serve)
+    download = commands.add_parser("download", help="download a model into models/")
+    download.add_argument("preset", help="a preset name (smollm2-135m) or a hub repo id")
+    download.add_argument("filename", nargs="?", help="the file in the hub repo")
+    download.add_argument("--dir", default="models", help="destination folder [models]")
+    download.add_argument("--sha256", help="expected checksum of the file")
+    return parser
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from llamastream.api.app import create_app
+    from llamastream.download import fetch
+
+    if settings.model_path is None:
+        logger.info(
+            "no model configured: fetching the default model %r into %s/ (first run only)",
+            settings.default_model,
+            settings.models_dir,
+        )
+        path = fetch(settings.default_model, settings.models_dir)
+        settings = settings.model_copy(update={"model_path": path})
+    logger.info("serving %s on http://%s:%d", settings.model_path, settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def download(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llamastream.download import PRESETS, download_from_hub, fetch
+
+    if args.filename is None:
+        if args.preset not in PRESETS:
+            raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+        path = fetch(args.preset, args.dir)
+    else:
+        path = download_from_hub(args.preset, args.filename, Path(args.dir), sha256=args.sha256)
+    print(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", None) or "info"
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            serve(settings_from_args(args))
+        else:
+            download(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            print(f"llamastream: invalid setting {field}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,80 @@
+"""WorkerPool: builds the workers, maps slots onto them, and tokenizes prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import llama_cpp
+
+from llamastream.chat.templates import ChatTemplate
+from llamastream.config import Settings
+from llamastream.engine.worker import Job, Worker, load_llama
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """``settings.num_of_concurrent_executions`` slots over workers of one slot each."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.model_path is None:
+            raise ValueError("model_path is not set")
+        self.settings = settings
+        self.model_path = Path(settings.model_path)
+        self.n_slots = settings.num_of_concurrent_executions
+        llama_kwargs = {
+            "n_ctx": settings.n_ctx,
+            "n_batch": min(settings.n_batch, settings.n_ctx),
+            "n_gpu_layers": settings.n_gpu_layers,
+            "n_threads": settings.n_threads,
+        }
+        self.workers = [
+            Worker(i, str(self.model_path), **llama_kwargs) for i in range(self.n_slots)
+        ]
+        self._slot_owner = [w for w in self.workers for _ in range(w.n_slots)]
+        self._vocab: llama_cpp.Llama | None = None
+        self._vocab_lock = threading.Lock()
+        self.template = ChatTemplate()
+        self.model_name = self.model_path.name
+
+    async def start(self) -> None:
+        """Load the tokenizer and every worker (off the event loop)."""
+        self._vocab = await asyncio.to_thread(load_llama, str(self.model_path), vocab_only=True)
+        meta = self._vocab.metadata
+        bos = self._token_text(self._vocab.token_bos())
+        eos = self._token_text(self._vocab.token_eos())
+        self.template = ChatTemplate.from_metadata(meta, bos=bos, eos=eos)
+        if self.template.is_fallback:
+            logger.warning("%s has no chat template; using ChatML", self.model_name)
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        await asyncio.gather(*(asyncio.wrap_future(w.start()) for w in self.workers))
+        logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+        if self._vocab is not None:
+            self._vocab.close()
+            self._vocab = None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text → tokens (blocking but short; call it from a thread)."""
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise RuntimeError("the pool is not started")
+            tokens = self._vocab.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
+            bos = self._vocab.token_bos()
+        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]  # the template already wrote the BOS text
+        return tokens
+
+    def submit(self, slot: int, job: Job) -> None:
+        self._slot_owner[slot].submit(job)
+
+    def _token_text(self, token: int) -> str:
+        assert self._vocab is not None
+        if token < 0:
+            return ""
+        return self._vocab.detokenize([token], special=True).decode("utf-8", errors="replace")

@@ -1,0 +1,70 @@
+"""Domain exceptions. `llamastream.api.errors` maps them to HTTP responses in one place."""
+
+from __future__ import annotations
+
+
+class LlamaStreamError(Exception):
+    """Base of every error the server answers with a JSON body."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequestError(LlamaStreamError):
+    """The request body or a parameter is not acceptable; ``field`` names it."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class InputTooLongError(InvalidRequestError):
+    """The input alone does not fit in the context window."""
+
+    code = "input_too_long"
+
+
+class NothingToRegenerateError(InvalidRequestError):
+    """`regenerate` was asked for, but the conversation has no user input yet."""
+
+    code = "nothing_to_regenerate"
+
+
+class BodyTooLargeError(LlamaStreamError):
+    status_code = 413
+    code = "body_too_large"
+
+
+class SessionBusyError(LlamaStreamError):
+    """Another request of the same session is still running."""
+
+    status_code = 409
+    code = "session_busy"
+
+
+class QueueFullError(LlamaStreamError):
+    """Every slot is busy and the wait queue is full."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("all generation slots are busy and the wait queue is full")
+        self.retry_after = retry_after
+
+
+class NotReadyError(LlamaStreamError):
+    """The engine is not started (still loading, or shutting down)."""
+
+    status_code = 503
+    code = "not_ready"
+
+
+class GenerationError(LlamaStreamError):
+    """llama.cpp failed while generating."""
+
+    code = "generation_failed"
