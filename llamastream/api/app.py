@@ -10,14 +10,19 @@ from fastapi import FastAPI
 
 from llamastream import __version__
 from llamastream.api import native, ops
-from llamastream.chatstream import ChatStream
+from llamastream.chatstream import Callback, ChatStream
 from llamastream.config import Settings
 from llamastream.sessions.middleware import SessionMiddleware
 from llamastream.sessions.store import DiskSessionStore
 
 
-def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
-    """The llamastream server app: native chat endpoints, sessions and health."""
+def create_app(
+    settings: Settings | None = None, *, callback: Callback | None = None, **overrides: Any
+) -> FastAPI:
+    """The llamastream server app: native chat endpoints, sessions and health.
+
+    ``callback(request, message)`` is called once after every accepted chat request.
+    """
     chat_stream = ChatStream(settings, **overrides)
     settings = chat_stream.settings
     store = DiskSessionStore(settings.session_dir, ttl_s=settings.session_ttl_s)
@@ -33,6 +38,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app = FastAPI(title="llamastream", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.chat_stream = chat_stream
+    app.state.chat_callback = callback
     app.state.session_store = store
     app.add_middleware(
         SessionMiddleware,

@@ -35,7 +35,8 @@ def _chat_stream(request: Request) -> ChatStream:
 @router.post("/chat_stream", openapi_extra=_CHAT_BODY, response_class=Response)
 async def chat_stream(request: Request) -> Response:
     """Stream the reply to ``user_input`` (or regenerate the last reply) as plain text."""
-    return await _chat_stream(request).handle_chat_stream_request(request)
+    callback = request.app.state.chat_callback
+    return await _chat_stream(request).handle_chat_stream_request(request, callback=callback)
 
 
 @router.post("/clear_context")
