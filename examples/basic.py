@@ -1,4 +1,7 @@
-"""ChatStream's basic endpoint. Run: LLAMASTREAM_MODEL_PATH=models/x.gguf uvicorn examples.basic:app"""
+"""ChatStream's basic endpoint.
+
+Run: LLAMASTREAM_MODEL_PATH=models/x.gguf uvicorn examples.basic:app
+"""
 
 from fastapi import FastAPI, Request
 

@@ -235,7 +235,7 @@ def test_input_too_long_for_the_context(settings_kwargs: dict[str, Any]) -> None
 
 
 def test_long_history_drops_the_oldest_turns(settings_kwargs: dict[str, Any]) -> None:
-    with server(settings_kwargs) as (live, app), live.client() as client:
+    with server(settings_kwargs) as (live, _), live.client() as client:
         for i in range(8):
             response = chat(client, user_input=f"turn {i}: " + "abc " * 30)
             assert response.status_code == 200, response.text
