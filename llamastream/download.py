@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,20 @@ def _verified(path: Path, sha256: str | None) -> Path:
             path.unlink(missing_ok=True)
             raise DownloadError(f"{path.name}: sha256 {actual} does not match {sha256}")
     return path
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 5.0) -> bool:
+    """Whether the hub answers at all (any HTTP status counts), without the client's retries."""
+    from huggingface_hub import constants
+
+    request = urllib.request.Request(endpoint or constants.ENDPOINT, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def download_from_hub(
@@ -134,6 +150,8 @@ def fetch(
         return existing
     errors: list[str] = []
     try:
+        if not hub_reachable(endpoint):
+            raise DownloadError(f"{endpoint or 'the Hugging Face hub'} cannot be reached")
         return download_from_hub(
             preset.repo_id,
             preset.filename,

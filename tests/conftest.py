@@ -80,6 +80,15 @@ def live_server() -> Iterator[type[LiveServer]]:
     yield LiveServer
 
 
+def eventually(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` is true, or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
 def wait_idle(client: httpx.Client, timeout: float = 5.0) -> dict[str, int]:
     """Poll /get_load until no slot is busy and nothing waits; return the last figures."""
     deadline = time.monotonic() + timeout
@@ -116,11 +125,16 @@ def subprocess_server(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    proc.output = lambda: "".join(lines)  # type: ignore[attr-defined]
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+                reader.join(5)
+                raise RuntimeError(f"server exited: {''.join(lines)}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200:
                     break
@@ -138,6 +152,6 @@ def subprocess_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        reader.join(5)
         if proc.stdout:
-            proc.captured = proc.stdout.read()  # type: ignore[attr-defined]
             proc.stdout.close()

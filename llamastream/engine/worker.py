@@ -63,9 +63,15 @@ class Cancelled(Exception):
     """Raised inside the worker thread when a job's client has gone."""
 
 
+# llama-cpp-python silences a quiet load by pointing the process's fds 1 and 2 at /dev/null
+# and back; two loads at once in different threads can leave them pointing there for good.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_llama(model_path: str, **kwargs: Any) -> llama_cpp.Llama:
-    """Load a model quietly (llama.cpp's own logging stays off)."""
-    return llama_cpp.Llama(model_path=model_path, verbose=False, **kwargs)
+    """Load a model quietly (llama.cpp's own logging stays off), one load at a time."""
+    with _LOAD_LOCK:
+        return llama_cpp.Llama(model_path=model_path, verbose=False, **kwargs)
 
 
 class Worker:

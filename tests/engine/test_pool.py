@@ -1,0 +1,41 @@
+"""WorkerPool: loading several workers, tokenizing prompts, the model's chat template."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llamastream.config import Settings
+from llamastream.engine.pool import WorkerPool
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+async def test_parallel_loads_leave_stdout_and_stderr_alone(tiny_model: Path) -> None:
+    before = [_fd_identity(1), _fd_identity(2)]
+    pool = WorkerPool(
+        Settings(model_path=tiny_model, num_of_concurrent_executions=4, n_ctx=256, n_threads=1)
+    )
+    await pool.start()
+    try:
+        assert [_fd_identity(1), _fd_identity(2)] == before
+        assert len(pool.workers) == 4
+    finally:
+        await pool.stop()
+
+
+async def test_uses_the_gguf_template_and_tokenizes_once_with_bos(tiny_model: Path) -> None:
+    pool = WorkerPool(Settings(model_path=tiny_model, num_of_concurrent_executions=1, n_ctx=256))
+    await pool.start()
+    try:
+        assert not pool.template.is_fallback
+        text = pool.template.render([{"role": "user", "content": "hi"}])
+        assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        tokens = pool.tokenize(text)
+        assert tokens[0] == 1 and tokens[1] != 1  # one BOS
+        assert tokens[1] == 259  # <|im_start|> parsed as the control token, not as text
+    finally:
+        await pool.stop()

@@ -1,0 +1,71 @@
+"""SlotController on its own: FIFO order, the bounded queue, cancellation, release."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llamastream.engine.slots import SlotController
+from llamastream.errors import QueueFullError
+
+
+async def test_grants_free_slots_then_queues_then_refuses() -> None:
+    slots = SlotController(n_slots=2, max_queue=1)
+    a, b = slots.reserve(), slots.reserve()
+    assert {await a.wait(), await b.wait()} == {0, 1}
+    waiting = slots.reserve()
+    assert not waiting.granted
+    with pytest.raises(QueueFullError) as refused:
+        slots.reserve()
+    assert refused.value.retry_after >= 1
+    load = slots.load()
+    assert (load.processing, load.waiting, load.max_processing, load.max_waiting) == (2, 1, 2, 1)
+
+
+async def test_release_hands_the_slot_to_the_first_waiter() -> None:
+    slots = SlotController(n_slots=1, max_queue=3)
+    holder = slots.reserve()
+    slot = await holder.wait()
+    first, second = slots.reserve(), slots.reserve()
+    holder.release()
+    assert await asyncio.wait_for(first.wait(), 1) == slot
+    assert not second.granted
+    first.release()
+    assert await asyncio.wait_for(second.wait(), 1) == slot
+    second.release()
+    assert slots.load().processing == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    slots = SlotController(n_slots=1, max_queue=2)
+    holder = slots.reserve()
+    await holder.wait()
+    leaver = slots.reserve()
+    task = asyncio.ensure_future(leaver.wait())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slots.load().waiting == 0
+    holder.release()
+    assert slots.load().processing == 0
+
+
+async def test_release_is_idempotent() -> None:
+    slots = SlotController(n_slots=1, max_queue=0)
+    ticket = slots.reserve()
+    await ticket.wait()
+    ticket.release()
+    ticket.release()
+    assert slots.load().processing == 0
+    again = slots.reserve()
+    assert await again.wait() == 0
+    assert slots.load().processing == 1
+
+
+async def test_no_queue_means_immediate_refusal() -> None:
+    slots = SlotController(n_slots=1, max_queue=0)
+    slots.reserve()
+    with pytest.raises(QueueFullError):
+        slots.reserve()

@@ -1,0 +1,82 @@
+"""One real worker on the tiny GGUF: UTF-8-safe pieces, seeds, limits, cancellation."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamastream.engine.sampling import SamplingParams
+from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk, Worker
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model: Path) -> Iterator[Worker]:
+    w = Worker(0, str(tiny_model), n_ctx=4096, n_batch=64, n_threads=1)
+    w.start().result(30)
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def prompt(worker: Worker) -> list[int]:
+    assert worker._llama is not None
+    return worker._llama.tokenize(b"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def run(worker: Worker, job_tokens: list[int], params: SamplingParams) -> list[Event]:
+    events: queue.Queue[Event] = queue.Queue()
+    worker.submit(Job(job_tokens, params, events.put)).result(60)
+    return list(events.queue)
+
+
+def test_byte_tokens_never_split_a_character(worker: Worker, prompt: list[int]) -> None:
+    target = "日本語のテキスト、こんにちは世界🌸"
+    # The grammar forces the reply byte by byte through the byte tokens (the model's Japanese
+    # word tokens are not spelled this way), so every character spans 3-4 tokens.
+    grammar = 'root ::= "' + target + '"'
+    events = run(worker, prompt, SamplingParams(max_new_tokens=200, grammar=grammar, seed=1))
+    chunks = [e.text for e in events if isinstance(e, TextChunk)]
+    assert "".join(chunks) == target
+    assert len(chunks) >= 5
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.completion_tokens > len(target)  # more tokens than characters
+
+
+def test_same_seed_same_reply(worker: Worker, prompt: list[int]) -> None:
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=42)
+    first = run(worker, prompt, params)
+    other = run(worker, prompt, params.updated(seed=7))
+    second = run(worker, prompt, params)
+    assert first == second
+    assert first != other
+
+
+def test_max_new_tokens_ends_with_length(worker: Worker, prompt: list[int]) -> None:
+    events = run(worker, prompt, SamplingParams(max_new_tokens=5, seed=3))
+    finished = events[-1]
+    assert finished == Finished("length", len(prompt), 5)
+
+
+def test_cancel_stops_within_one_token(worker: Worker, prompt: list[int]) -> None:
+    seen: list[Event] = []
+    job: Job
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if isinstance(event, TextChunk) and len(seen) == 3:
+            job.cancel.set()
+
+    job = Job(prompt, SamplingParams(max_new_tokens=1000, seed=5), on_event)
+    worker.submit(job).result(30)
+    assert seen[-1] == Finished("cancelled", len(prompt), 3)
+    assert len([e for e in seen if isinstance(e, TextChunk)]) == 3
+
+
+def test_a_failure_is_reported_and_the_worker_goes_on(worker: Worker, prompt: list[int]) -> None:
+    events = run(worker, [10**7], SamplingParams(max_new_tokens=3))
+    assert isinstance(events[-1], Failed)
+    assert isinstance(run(worker, prompt, SamplingParams(max_new_tokens=3))[-1], Finished)
