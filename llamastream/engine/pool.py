@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
@@ -25,7 +26,7 @@ class WorkerPool:
         self.settings = settings
         self.model_path = Path(settings.model_path)
         self.n_slots = settings.num_of_concurrent_executions
-        llama_kwargs = {
+        llama_kwargs: dict[str, Any] = {
             "n_ctx": settings.n_ctx,
             "n_batch": min(settings.n_batch, settings.n_ctx),
             "n_gpu_layers": settings.n_gpu_layers,
