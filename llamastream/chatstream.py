@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio.to_thread
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,6 +33,7 @@ from llamastream.errors import (
     LlamaStreamError,
     NothingToRegenerateError,
     NotReadyError,
+    PromptTemplateError,
     SessionBusyError,
 )
 from llamastream.sessions.middleware import SessionManager
@@ -100,7 +103,7 @@ class ChatStream:
     """
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        base = settings.model_dump(exclude_unset=True) if settings is not None else {}
+        base = settings.model_dump() if settings is not None else {}
         self.settings = Settings(**{**base, **overrides})
         self.slots = SlotController(
             self.settings.num_of_concurrent_executions, self.settings.max_queue_size
@@ -262,7 +265,9 @@ class ChatStream:
                     "there is no user input to regenerate a reply for", field="regenerate"
                 )
             if chat.user_input is not None:
-                prompt.messages[-1].content = chat.user_input
+                prompt.messages[-1] = dataclasses.replace(
+                    prompt.messages[-1], content=chat.user_input
+                )
         else:
             assert chat.user_input is not None
             prompt.add_user_message(chat.user_input)
@@ -282,12 +287,18 @@ class ChatStream:
     ) -> list[int]:
         budget = self.settings.n_ctx - params.max_new_tokens
         view = prompt.copy()
-        if view.fit(lambda text: len(pool.tokenize(text)), budget) > budget:
-            raise InputTooLongError(
-                f"the input does not fit in the context window ({budget} tokens)",
-                field="user_input",
-            )
-        return pool.tokenize(view.create_prompt())
+        for message in view.messages:
+            message.content = pool.defuse(message.content)
+        try:
+            if view.fit(lambda text: len(pool.tokenize(text)), budget) > budget:
+                raise InputTooLongError(
+                    f"the input does not fit in the context window ({budget} tokens)",
+                    field="user_input",
+                )
+            return pool.tokenize(view.create_prompt())
+        except TemplateError as exc:
+            logger.error("the chat template failed: %s", exc)
+            raise PromptTemplateError(f"the model's chat template failed: {exc}") from None
 
     async def _stream(self, turn: _Turn, pool: WorkerPool, send: Send) -> None:
         """Wait for a slot, run the job, and send its text as it comes.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,3 +72,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `llamastream serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `llamastream serve` listens on.")
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")
+
+    @model_validator(mode="after")
+    def _reply_fits_in_context(self) -> Settings:
+        if self.max_new_tokens >= self.n_ctx:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be below n_ctx ({self.n_ctx})"
+            )
+        return self

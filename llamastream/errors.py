@@ -64,6 +64,12 @@ class NotReadyError(LlamaStreamError):
     code = "not_ready"
 
 
+class PromptTemplateError(LlamaStreamError):
+    """The model's chat template refused to render the conversation."""
+
+    code = "template_error"
+
+
 class GenerationError(LlamaStreamError):
     """llama.cpp failed while generating."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class WorkerPool:
         self._vocab_lock = threading.Lock()
         self.template = ChatTemplate()
         self.model_name = self.model_path.name
+        self._control: re.Pattern[str] | None = None
 
     async def start(self) -> None:
         """Load the tokenizer and every worker (off the event loop)."""
@@ -51,6 +53,7 @@ class WorkerPool:
         if self.template.is_fallback:
             logger.warning("%s has no chat template; using ChatML", self.model_name)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self._control = self._control_token_pattern()
         await asyncio.gather(*(asyncio.wrap_future(w.start()) for w in self.workers))
         logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
 
@@ -70,6 +73,28 @@ class WorkerPool:
         if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # the template already wrote the BOS text
         return tokens
+
+    def defuse(self, text: str) -> str:
+        """``text`` with every control-token spelling broken (a word joiner after its first
+        character), so that conversation text can never tokenize into a control token such as
+        ``<|im_end|>``: only the template's own markup does."""
+        if self._control is None:
+            return text
+        return self._control.sub(lambda m: m[0][0] + "\u2060" + m[0][1:], text)
+
+    def _control_token_pattern(self) -> re.Pattern[str] | None:
+        assert self._vocab is not None
+        vocab = self._vocab._model.vocab
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts = set()
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & special:
+                text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+                if len(text) > 1:
+                    texts.add(text)
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
     def submit(self, slot: int, job: Job) -> None:
         self._slot_owner[slot].submit(job)
