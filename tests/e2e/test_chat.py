@@ -49,11 +49,14 @@ def paused(worker: Worker) -> Iterator[None]:
 
 @contextlib.contextmanager
 def server(settings_kwargs: dict[str, Any], **changes: Any) -> Iterator[tuple[LiveServer, Any]]:
+    """A live create_app server whose completion callbacks are recorded in ``live.recorder``."""
     recorder = Recorder()
     app = create_app(callback=recorder, **{**settings_kwargs, **changes})
     with LiveServer(app) as live:
         live.recorder = recorder  # type: ignore[attr-defined]
         yield live, app
+        with live.client() as probe:
+            wait_idle(probe)  # every test leaves no busy slot and nothing queued
 
 
 def chat(client: httpx.Client, **body: Any) -> httpx.Response:
