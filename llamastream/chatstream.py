@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio.to_thread
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Send
 
 from llamastream.api.errors import error_response, invalid_from_validation
-from llamastream.chat.prompt import ChatPrompt, Message, new_message_id
+from llamastream.chat.prompt import ChatPrompt
 from llamastream.config import Settings
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import GenerationParams, SamplingParams
-from llamastream.engine.slots import SlotController, Ticket
-from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk
+from llamastream.engine.slots import SlotController
 from llamastream.errors import (
     BodyTooLargeError,
-    GenerationError,
     InputTooLongError,
     InvalidRequestError,
     LlamaStreamError,
@@ -38,17 +33,10 @@ from llamastream.errors import (
 )
 from llamastream.sessions.middleware import SessionManager
 from llamastream.sessions.store import Session, new_session_id
-from llamastream.streaming import EventBridge, WatchedStreamResponse
+from llamastream.streaming import Callback, Run, Runner
 
 logger = logging.getLogger(__name__)
 
-CallbackMessage = Literal[
-    "success",
-    "client_disconnected_while_streaming",
-    "client_disconnected_before_streaming",
-    "unknown_error_occurred",
-]
-Callback = Callable[[Request, CallbackMessage], Any]
 RequestBody = bytes | str | Mapping[str, Any] | None
 
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
@@ -65,33 +53,30 @@ class ChatRequest(BaseModel):
     regenerate: StrictBool = False
 
 
-@dataclass
-class _Turn:
-    """Everything one accepted chat request carries from queue to callback."""
+class PlainTextFraming:
+    """ChatStream's wire format: the reply as bare UTF-8 text chunks."""
 
-    request: Request
-    manager: SessionManager | None
-    session: Session
-    prompt: ChatPrompt
-    before: list[Message]
-    tokens: list[int]
-    params: SamplingParams
-    ticket: Ticket
-    callback: Callback | None
-    message_id: str = field(default_factory=new_message_id)
-    text: list[str] = field(default_factory=list)
-    started: bool = False
-    finished: Finished | None = None
-    error: BaseException | None = None
-    job: Job | None = None
-    outcome: CallbackMessage | None = None
-    bridge: EventBridge[Event] = field(default_factory=EventBridge)
+    streaming = True
 
-    def apply(self, event: Finished | Failed) -> None:
-        if isinstance(event, Finished):
-            self.finished = event
-        else:
-            self.error = event.error
+    def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
+        return 200, [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+            (MESSAGE_ID_HEADER.lower().encode(), run.id.encode()),
+        ]
+
+    def piece(self, run: Run, text: str) -> bytes:
+        return text.encode()
+
+    def tail(self, run: Run) -> bytes:
+        return b""
+
+    def error_tail(self, run: Run) -> bytes | None:
+        return None  # plain text has no way to say so: the connection is cut
+
+    def error_response(self, exc: LlamaStreamError) -> Response:
+        return error_response(exc)
 
 
 class ChatStream:
@@ -108,6 +93,7 @@ class ChatStream:
         self.slots = SlotController(
             self.settings.num_of_concurrent_executions, self.settings.max_queue_size
         )
+        self.runner = Runner(self.slots)
         self.pool: WorkerPool | None = None
         self._busy_sessions: set[str] = set()
 
@@ -167,17 +153,14 @@ class ChatStream:
         except SessionBusyError as exc:
             return error_response(exc)
         try:
-            turn = await self._prepare_turn(request, manager, session, chat, pool, callback)
+            run = await self._prepare_turn(request, manager, session, chat, pool, callback)
         except LlamaStreamError as exc:
             self._unlock_session(session)
             return error_response(exc)
         except BaseException:
             self._unlock_session(session)
             raise
-        return WatchedStreamResponse(
-            lambda send: self._stream(turn, pool, send),
-            lambda response: self._close(turn, response),
-        )
+        return self.runner.response(pool, run)
 
     async def handle_clear_context_request(self, request: Request) -> Response:
         """Forget the conversation of the caller's session."""
@@ -254,7 +237,7 @@ class ChatStream:
         chat: ChatRequest,
         pool: WorkerPool,
         callback: Callback | None,
-    ) -> _Turn:
+    ) -> Run:
         prompt = self._prompt_of(session)
         before = list(prompt.messages)
         if chat.regenerate:
@@ -280,7 +263,22 @@ class ChatStream:
         except BaseException:
             prompt.messages[:] = before
             raise
-        return _Turn(request, manager, session, prompt, before, tokens, params, ticket, callback)
+
+        async def settle(run: Run) -> None:
+            """Store the turn: the reply (partial if cut short), or the history as it was."""
+            try:
+                if run.outcome == "success":
+                    prompt.add_assistant_message(run.reply, message_id=run.id)
+                elif run.started:
+                    prompt.add_assistant_message(run.reply, partial=True, message_id=run.id)
+                else:
+                    prompt.messages[:] = before
+                if prompt.messages != before:
+                    await self._save(manager)
+            finally:
+                self._unlock_session(session)
+
+        return Run(request, tokens, params, ticket, PlainTextFraming(), callback, on_settle=settle)
 
     def _tokenize_fitting(
         self, pool: WorkerPool, prompt: ChatPrompt, params: SamplingParams
@@ -299,93 +297,6 @@ class ChatStream:
         except TemplateError as exc:
             logger.error("the chat template failed: %s", exc)
             raise PromptTemplateError(f"the model's chat template failed: {exc}") from None
-
-    async def _stream(self, turn: _Turn, pool: WorkerPool, send: Send) -> None:
-        """Wait for a slot, run the job, and send its text as it comes.
-
-        The history is saved before the last body message, so a client that has read the whole
-        reply always finds it stored.
-        """
-        slot = await turn.ticket.wait()
-        turn.job = Job(turn.tokens, turn.params, turn.bridge.put)
-        pool.submit(slot, turn.job)
-        try:
-            while turn.finished is None and turn.error is None:
-                event = await turn.bridge.get()
-                if isinstance(event, TextChunk):
-                    turn.text.append(event.text)
-                    if not turn.started:
-                        await send(_start(turn))
-                    await send(_body(event.text.encode(), more=True))
-                    turn.started = True
-                else:
-                    turn.apply(event)
-            if turn.error is not None:
-                if not turn.started:
-                    await error_response(GenerationError("generation failed"))(
-                        {"type": "http"}, _no_receive, send
-                    )
-                return
-            await self._settle(turn, "success")
-            if not turn.started:
-                await send(_start(turn))
-            await send(_body(b"", more=False))
-        except Exception as exc:  # an error of ours mid-stream: end this request only
-            logger.exception("chat stream failed")
-            turn.error = exc
-
-    async def _settle(self, turn: _Turn, outcome: CallbackMessage) -> None:
-        """Stop the job, free the slot, and store the turn's history; once per turn."""
-        if turn.outcome is not None:
-            return
-        turn.outcome = outcome
-        if turn.job is not None:
-            turn.job.cancel.set()
-            while turn.finished is None and turn.error is None:
-                event = await turn.bridge.get()
-                if isinstance(event, TextChunk):
-                    turn.text.append(event.text)
-                else:
-                    turn.apply(event)
-        turn.ticket.release()
-        text = "".join(turn.text)
-        if outcome == "success":
-            turn.prompt.add_assistant_message(text, message_id=turn.message_id)
-        elif turn.started:
-            turn.prompt.add_assistant_message(text, partial=True, message_id=turn.message_id)
-        else:
-            turn.prompt.messages[:] = turn.before
-        try:
-            if turn.prompt.messages != turn.before:
-                await self._save(turn.manager)
-        except Exception:
-            logger.exception("could not save session %s", turn.session.id[:8])
-            turn.outcome = "unknown_error_occurred"
-        finally:
-            self._unlock_session(turn.session)
-
-    async def _close(self, turn: _Turn, response: WatchedStreamResponse) -> None:
-        """Every path ends here once: settle the turn if the stream did not, then call back."""
-        if turn.error is not None:
-            outcome: CallbackMessage = "unknown_error_occurred"
-        elif response.disconnected and turn.started:
-            outcome = "client_disconnected_while_streaming"
-        elif response.disconnected:
-            outcome = "client_disconnected_before_streaming"
-        else:
-            outcome = "success"
-        await self._settle(turn, outcome)
-        assert turn.outcome is not None
-        logger.info(
-            "chat turn %s: %s, %d prompt + %d generated tokens",
-            turn.message_id[:8],
-            turn.outcome,
-            len(turn.tokens),
-            turn.finished.completion_tokens if turn.finished else 0,
-        )
-        await _fire(turn.callback, turn.request, turn.outcome)
-        if turn.error is not None and turn.started:
-            raise GenerationError("generation failed mid-stream") from turn.error
 
     # sessions
 
@@ -474,35 +385,3 @@ class ChatStream:
         if not isinstance(data, dict):
             raise InvalidRequestError("the body must be a JSON object", field="body")
         return data
-
-
-def _start(turn: _Turn) -> dict[str, Any]:
-    return {
-        "type": "http.response.start",
-        "status": 200,
-        "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),
-            (MESSAGE_ID_HEADER.lower().encode(), turn.message_id.encode()),
-        ],
-    }
-
-
-def _body(data: bytes, *, more: bool) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": more}
-
-
-async def _no_receive() -> dict[str, Any]:
-    return {"type": "http.disconnect"}
-
-
-async def _fire(callback: Callback | None, request: Request, message: CallbackMessage) -> None:
-    if callback is None:
-        return
-    try:
-        result = callback(request, message)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        logger.exception("completion callback raised (message %s)", message)

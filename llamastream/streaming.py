@@ -1,18 +1,41 @@
-"""Thread → event-loop bridge, and a streaming response that watches for the client leaving.
+"""Streaming a generation: thread → event-loop bridge, disconnect watch, and the run lifecycle.
 
-The wire format (plain text chunks here) is the caller's; this module only runs the body
-producer and a disconnect watcher side by side: the first to finish cancels the other.
+The wire format belongs to a `Framing` (plain text, SSE, JSON); the lifecycle here is the same
+for every route: wait for a slot, run the job, send pieces, settle, call back, exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import anyio
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
+
+from llamastream.engine.sampling import SamplingParams
+from llamastream.engine.slots import SlotController, Ticket
+from llamastream.engine.worker import Event, Finished, Job, TextChunk
+from llamastream.errors import GenerationError, LlamaStreamError
+
+if TYPE_CHECKING:
+    from llamastream.engine.pool import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+CallbackMessage = Literal[
+    "success",
+    "client_disconnected_while_streaming",
+    "client_disconnected_before_streaming",
+    "unknown_error_occurred",
+]
+Callback = Callable[[Request, CallbackMessage], Any]
 
 T = TypeVar("T")
 
@@ -75,3 +98,194 @@ class WatchedStreamResponse(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.on_close(self)
+
+
+class Framing(Protocol):
+    """How one run's text goes on the wire (plain text, SSE, or one JSON body at the end)."""
+
+    streaming: bool
+
+    def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Status and headers, sent with the first piece (or with the tail)."""
+        ...
+
+    def piece(self, run: Run, text: str) -> bytes:
+        """One chunk of newly generated text (streaming framings only)."""
+        ...
+
+    def tail(self, run: Run) -> bytes:
+        """The last body bytes after a successful run (the whole body when not streaming)."""
+        ...
+
+    def error_tail(self, run: Run) -> bytes | None:
+        """What ends a stream that fails after it started; None aborts the connection."""
+        ...
+
+    def error_response(self, exc: LlamaStreamError) -> Response:
+        """The answer to a run that fails before anything was sent."""
+        ...
+
+
+@dataclass
+class Run:
+    """One accepted generation request, from its place in line to its callback."""
+
+    request: Request
+    tokens: list[int]
+    params: SamplingParams
+    ticket: Ticket
+    framing: Framing
+    callback: Callback | None = None
+    on_settle: Callable[[Run], Awaitable[None]] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    text: list[str] = field(default_factory=list)
+    started: bool = False
+    finished: Finished | None = None
+    error: BaseException | None = None
+    job: Job | None = None
+    outcome: CallbackMessage | None = None
+    error_sent: bool = False
+    bridge: EventBridge[Event] = field(default_factory=EventBridge)
+
+    @property
+    def reply(self) -> str:
+        return "".join(self.text)
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None or self.error is not None
+
+    def take(self, event: Event) -> None:
+        if isinstance(event, TextChunk):
+            self.text.append(event.text)
+        elif isinstance(event, Finished):
+            self.finished = event
+        else:
+            self.error = event.error
+
+
+class Runner:
+    """Runs generation requests through the slots and the workers, whatever their framing."""
+
+    def __init__(self, slots: SlotController) -> None:
+        self.slots = slots
+
+    def response(self, pool: WorkerPool, run: Run) -> WatchedStreamResponse:
+        return WatchedStreamResponse(
+            lambda send: self._produce(pool, run, send), lambda r: self._close(run, r)
+        )
+
+    async def _produce(self, pool: WorkerPool, run: Run, send: Send) -> None:
+        """Wait for a slot, run the job, and send its text as it comes.
+
+        The run is settled (slot freed, ``on_settle`` done) before the last body message, so
+        a client that has read the whole reply finds its effects in place.
+        """
+        slot = await run.ticket.wait()
+        run.job = Job(run.tokens, run.params, run.bridge.put)
+        pool.submit(slot, run.job)
+        framing = run.framing
+        try:
+            while not run.done:
+                event = await run.bridge.get()
+                run.take(event)
+                if isinstance(event, TextChunk) and framing.streaming:
+                    if not run.started:
+                        await send(_start(framing.head(run)))
+                    await send(_body(framing.piece(run, event.text), more=True))
+                    run.started = True
+            if run.error is None:
+                await self._settle(run, "success")
+                if run.outcome != "success":
+                    run.error = GenerationError("the reply could not be stored")
+            if run.error is not None:
+                await self._send_error(run, send)
+                return
+            if not run.started:
+                await send(_start(framing.head(run)))
+            await send(_body(framing.tail(run), more=False))
+        except Exception as exc:  # a fault of ours mid-run: this request ends, the server goes on
+            logger.exception("generation %s failed", run.id[:8])
+            run.error = exc
+
+    async def _send_error(self, run: Run, send: Send) -> None:
+        if not run.started:
+            response = run.framing.error_response(GenerationError("generation failed"))
+            await response({"type": "http"}, _disconnected, send)
+            run.error_sent = True
+            return
+        tail = run.framing.error_tail(run)
+        if tail is not None:
+            await send(_body(tail, more=False))
+            run.error_sent = True
+
+    async def _settle(self, run: Run, outcome: CallbackMessage) -> None:
+        """Stop the job, free the slot, and run ``on_settle``; once per run."""
+        if run.outcome is not None:
+            return
+        run.outcome = outcome
+        if run.job is not None:
+            run.job.cancel.set()
+            while not run.done:
+                run.take(await run.bridge.get())
+        run.ticket.release()
+        if run.on_settle is not None:
+            try:
+                await run.on_settle(run)
+            except Exception:
+                logger.exception("generation %s: settling failed", run.id[:8])
+                run.outcome = "unknown_error_occurred"
+
+    async def _close(self, run: Run, response: WatchedStreamResponse) -> None:
+        """Every path ends here once: settle the run if the stream did not, then call back."""
+        if run.error is not None:
+            outcome: CallbackMessage = "unknown_error_occurred"
+        elif response.disconnected:
+            outcome = (
+                "client_disconnected_while_streaming"
+                if run.started
+                else "client_disconnected_before_streaming"
+            )
+        else:
+            outcome = "success"
+        await self._settle(run, outcome)
+        if run.error is not None:
+            run.outcome = "unknown_error_occurred"
+        assert run.outcome is not None
+        logger.info(
+            "generation %s: %s, %d prompt + %d generated tokens",
+            run.id[:8],
+            run.outcome,
+            len(run.tokens),
+            run.finished.completion_tokens if run.finished else 0,
+        )
+        await fire_callback(run.callback, run.request, run.outcome)
+        if run.error is not None and not run.error_sent:
+            raise GenerationError("generation failed mid-stream") from run.error
+
+
+async def fire_callback(
+    callback: Callback | None, request: Request, message: CallbackMessage
+) -> None:
+    """Call a completion callback (plain or async); what it raises is logged, nothing more."""
+    if callback is None:
+        return
+    try:
+        result = callback(request, message)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("completion callback raised (message %s)", message)
+
+
+def _start(head: tuple[int, list[tuple[bytes, bytes]]]) -> dict[str, Any]:
+    status, headers = head
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _body(data: bytes, *, more: bool) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+async def _disconnected() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

@@ -10,10 +10,11 @@ from fastapi import FastAPI
 
 from llamastream import __version__
 from llamastream.api import native, ops
-from llamastream.chatstream import Callback, ChatStream
+from llamastream.chatstream import ChatStream
 from llamastream.config import Settings
 from llamastream.sessions.middleware import SessionMiddleware
 from llamastream.sessions.store import DiskSessionStore
+from llamastream.streaming import Callback
 
 
 def create_app(
