@@ -136,8 +136,8 @@ class ChatStream:
         once accepted, ``callback(request, message)`` fires exactly once, after the stream.
         """
         try:
-            pool = self._pool()
-            body = await self._read_body(request, request_body)
+            pool = self.require_pool()
+            body = await read_json_body(request, request_body, self.settings.max_body_bytes)
             try:
                 chat = ChatRequest.model_validate(body)
             except ValidationError as exc:
@@ -202,7 +202,7 @@ class ChatStream:
         """Store the caller's generation parameters; out-of-range values get 400."""
         manager, session = self._session_of(request)
         try:
-            body = await self._read_body(request, request_body)
+            body = await read_json_body(request, request_body, self.settings.max_body_bytes)
             try:
                 params = GenerationParams.model_validate(body)
             except ValidationError as exc:
@@ -336,9 +336,10 @@ class ChatStream:
         if manager is not None:
             await anyio.to_thread.run_sync(manager.save_session)
 
-    def _sampling_params(self, session: Session) -> SamplingParams:
+    def default_params(self) -> SamplingParams:
+        """The server's default sampling parameters, from Settings."""
         s = self.settings
-        defaults = SamplingParams(
+        return SamplingParams(
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
@@ -346,7 +347,9 @@ class ChatStream:
             max_new_tokens=s.max_new_tokens,
             seed=s.seed,
         )
-        return defaults.updated(**(session.get(PARAMS_KEY) or {}))
+
+    def _sampling_params(self, session: Session) -> SamplingParams:
+        return self.default_params().updated(**(session.get(PARAMS_KEY) or {}))
 
     def _effective_params(self, session: Session) -> dict[str, Any]:
         p = self._sampling_params(session)
@@ -361,27 +364,35 @@ class ChatStream:
 
     # helpers
 
-    def _pool(self) -> WorkerPool:
+    def require_pool(self) -> WorkerPool:
+        """The loaded pool, or `NotReadyError` (503) while loading or shutting down."""
         if self.pool is None:
             raise NotReadyError("the model is not loaded")
         return self.pool
 
-    async def _read_body(self, request: Request, given: RequestBody) -> Any:
-        if isinstance(given, Mapping):
-            return dict(given)
-        raw = given if given is not None else await request.body()
-        if isinstance(raw, str):
-            raw = raw.encode()
-        if len(raw) > self.settings.max_body_bytes:
-            raise BodyTooLargeError(
-                f"the body is larger than {self.settings.max_body_bytes} bytes", field="body"
-            )
-        try:
-            data = json.loads(raw)
-        except UnicodeDecodeError:
-            raise InvalidRequestError("the body is not valid UTF-8", field="body") from None
-        except ValueError:
-            raise InvalidRequestError("the body is not valid JSON", field="body") from None
-        if not isinstance(data, dict):
-            raise InvalidRequestError("the body must be a JSON object", field="body")
-        return data
+
+async def read_json_body(request: Request, given: RequestBody, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object (or the body an endpoint already read and handed on).
+
+    Raises `BodyTooLargeError` past ``max_bytes`` (before reading, when Content-Length says so)
+    and `InvalidRequestError` naming ``body`` for anything that is not a UTF-8 JSON object.
+    """
+    if isinstance(given, Mapping):
+        return dict(given)
+    if given is None:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
+        given = await request.body()
+    raw = given.encode() if isinstance(given, str) else given
+    if len(raw) > max_bytes:
+        raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequestError("the body is not valid UTF-8", field="body") from None
+    except ValueError:
+        raise InvalidRequestError("the body is not valid JSON", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object", field="body")
+    return data

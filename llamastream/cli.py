@@ -38,6 +38,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the flags given; the rest from the environment and the defaults."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    if "api_keys" in given:
+        given["api_keys"] = [key.strip() for key in given["api_keys"].split(",") if key.strip()]
     return Settings(**given)
 
 

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted (bytes)."
     )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys accepted as `Authorization: Bearer KEY` on the /v1 API; empty: open. "
+        "Command line: comma-separated; environment: a JSON list.",
+    )
+    model_alias: str | None = Field(
+        None, description="Model id the /v1 API serves under; unset: the GGUF file name's stem."
+    )
     host: str = Field("127.0.0.1", description="Address `llamastream serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `llamastream serve` listens on.")
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")

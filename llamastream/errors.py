@@ -34,6 +34,22 @@ class NothingToRegenerateError(InvalidRequestError):
     code = "nothing_to_regenerate"
 
 
+class ContextLengthError(InvalidRequestError):
+    """Prompt and requested completion together exceed the context window."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(LlamaStreamError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(LlamaStreamError):
+    status_code = 404
+    code = "model_not_found"
+
+
 class BodyTooLargeError(LlamaStreamError):
     status_code = 413
     code = "body_too_large"

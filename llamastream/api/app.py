@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from llamastream import __version__
-from llamastream.api import native, ops
+from llamastream.api import native, openai, ops
 from llamastream.chatstream import ChatStream
 from llamastream.config import Settings
 from llamastream.sessions.middleware import SessionMiddleware
@@ -48,5 +48,6 @@ def create_app(
         secure=settings.cookie_secure,
     )
     app.include_router(native.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     return app

@@ -26,3 +26,32 @@ def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "body"
     return InvalidRequestError(f"{field}: {first['msg']}", field=field)
+
+
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+def openai_error_response(exc: LlamaStreamError) -> JSONResponse:
+    """The same errors in OpenAI's envelope: ``{"error": {message, type, param, code}}``."""
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": OPENAI_ERROR_TYPES.get(exc.status_code, "server_error"),
+            "param": exc.field,
+            "code": exc.code,
+        }
+    }
+    headers = {"Cache-Control": "no-store"}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)

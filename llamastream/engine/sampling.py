@@ -30,9 +30,12 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.0
     repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_new_tokens: int = 256
     seed: int | None = None
     grammar: str | None = None
+    stop: tuple[str, ...] = ()
 
     def updated(self, **changes: Any) -> SamplingParams:
         """A copy with the given non-None fields replaced."""

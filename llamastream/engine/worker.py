@@ -21,6 +21,7 @@ from typing import Any, Literal
 import llama_cpp
 
 from llamastream.engine.sampling import SamplingParams
+from llamastream.engine.stops import StopScanner
 
 logger = logging.getLogger(__name__)
 
@@ -141,29 +142,46 @@ class Worker:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
             grammar=grammar,
         )
+        stops = StopScanner(params.stop)
         try:
             for token in generator:
                 if job.cancel.is_set():
-                    return self._finish(job, decoder, "cancelled", n_generated)
+                    return self._finish(job, decoder, "cancelled", n_generated, stops)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     reason = "stop"
                     break
                 n_generated += 1
-                text = decoder.decode(self._piece(token))
+                text, stopped = stops.feed(decoder.decode(self._piece(token)))
                 if text:
                     job.on_event(TextChunk(text))
+                if stopped:
+                    return Finished("stop", len(tokens), n_generated)
                 if n_generated >= params.max_new_tokens:
                     break
         finally:
             generator.close()
-        return self._finish(job, decoder, reason, n_generated)
+        return self._finish(job, decoder, reason, n_generated, stops)
 
     def _finish(
-        self, job: Job, decoder: codecs.IncrementalDecoder, reason: FinishReason, n: int
+        self,
+        job: Job,
+        decoder: codecs.IncrementalDecoder,
+        reason: FinishReason,
+        n: int,
+        stops: StopScanner | None = None,
     ) -> Finished:
+        """Flush the decoder (and text held for stop strings) and report the end."""
         tail = decoder.decode(b"", final=True)
+        if stops is not None:
+            tail, stopped = stops.feed(tail)
+            if stopped:
+                reason = "stop"
+            else:
+                tail += stops.flush()
         if tail:
             job.on_event(TextChunk(tail))
         return Finished(reason, len(job.prompt_tokens), n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,3 +59,27 @@ def test_chat_with_the_real_smollm2_model(smollm2: Path, tmp_path: Path) -> None
         messages = c.get("/get_prompt").json()["messages"]
         assert messages[-1]["content"] == reply
         assert c.get("/health").json()["model"] == smollm2.name
+
+
+@pytest.mark.slow
+def test_openai_json_mode_with_the_real_model(smollm2: Path, tmp_path: Path) -> None:
+    import openai
+
+    port = free_port()
+    flags = ["--model", str(smollm2), "--session-dir", str(tmp_path / "s")]
+    flags += ["--max-new-tokens", "200", "--api-keys", "k1,k2"]
+    with _serve(port, *flags):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0)
+        reply = client.chat.completions.create(
+            model=smollm2.stem,
+            messages=[
+                {"role": "system", "content": "Answer in JSON."},
+                {"role": "user", "content": 'Give {"city": ..., "country": ...} for Paris.'},
+            ],
+            response_format={"type": "json_object"},
+            temperature=0,
+            max_tokens=200,
+        )
+        client.close()
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)

@@ -80,3 +80,13 @@ def test_a_failure_is_reported_and_the_worker_goes_on(worker: Worker, prompt: li
     events = run(worker, [10**7], SamplingParams(max_new_tokens=3))
     assert isinstance(events[-1], Failed)
     assert isinstance(run(worker, prompt, SamplingParams(max_new_tokens=3))[-1], Finished)
+
+
+def test_stop_string_split_across_tokens_is_not_emitted(worker: Worker, prompt: list[int]) -> None:
+    grammar = 'root ::= "日本語のテキスト、こんにちは世界"'
+    params = SamplingParams(max_new_tokens=200, grammar=grammar, seed=1, stop=("こんにちは",))
+    events = run(worker, prompt, params)
+    text = "".join(e.text for e in events if isinstance(e, TextChunk))
+    assert text == "日本語のテキスト、"
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason == "stop"
