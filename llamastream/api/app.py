@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from llamastream import __version__
 from llamastream.api import native, openai, ops
@@ -15,6 +18,8 @@ from llamastream.config import Settings
 from llamastream.sessions.middleware import SessionMiddleware
 from llamastream.sessions.store import DiskSessionStore
 from llamastream.streaming import Callback
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(
@@ -50,4 +55,10 @@ def create_app(
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app

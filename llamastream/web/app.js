@@ -1,0 +1,215 @@
+// The chat page: streams replies from /chat_stream; the session cookie keeps the conversation.
+(function () {
+  "use strict";
+
+  const messages = document.getElementById("messages");
+  const input = document.getElementById("input");
+  const form = document.getElementById("composer");
+  const sendButton = document.getElementById("send");
+  const stopButton = document.getElementById("stop");
+  const regenerateButton = document.getElementById("regenerate");
+  const clearButton = document.getElementById("clear");
+  const notice = document.getElementById("notice");
+  const settings = document.getElementById("settings");
+  const settingsToggle = document.getElementById("settings-toggle");
+  const settingsStatus = document.getElementById("settings-status");
+  const paramFields = ["temperature", "top_p", "max_new_tokens"];
+
+  let controller = null; // aborts the running request (or a pending retry)
+  let retryTimer = null;
+
+  function addMessage(role, text, partial) {
+    const div = document.createElement("div");
+    div.className = "message " + role + (partial ? " partial" : "");
+    setText(div, role, text);
+    messages.appendChild(div);
+    messages.scrollTop = messages.scrollHeight;
+    return div;
+  }
+
+  function setText(div, role, text) {
+    if (role === "assistant") {
+      div.innerHTML = window.renderMarkdown(text);
+    } else {
+      div.textContent = text;
+    }
+    div.dataset.raw = text;
+  }
+
+  function lastAssistant() {
+    const all = messages.querySelectorAll(".message");
+    const last = all[all.length - 1];
+    return last && last.classList.contains("assistant") ? last : null;
+  }
+
+  function showNotice(text) {
+    notice.textContent = text;
+    notice.hidden = !text;
+  }
+
+  function setBusy(busy) {
+    sendButton.disabled = busy;
+    regenerateButton.disabled = busy;
+    clearButton.disabled = busy;
+    stopButton.hidden = !busy;
+    document.body.dataset.busy = busy ? "1" : "";
+  }
+
+  async function loadHistory() {
+    const response = await fetch("/get_prompt");
+    if (!response.ok) return;
+    const data = await response.json();
+    messages.textContent = "";
+    for (const m of data.messages) addMessage(m.role, m.content, m.partial);
+  }
+
+  async function send(userInput, regenerate) {
+    showNotice("");
+    setBusy(true);
+    controller = new AbortController();
+    const userBubble = regenerate ? null : addMessage("user", userInput, false);
+    let replaced = null;
+    if (regenerate) {
+      replaced = lastAssistant();
+      if (replaced) replaced.hidden = true;
+    }
+    const bubble = addMessage("assistant", "", false);
+    bubble.classList.add("streaming");
+    const body = regenerate ? { regenerate: true } : { user_input: userInput };
+    let text = "";
+    try {
+      const response = await fetch("/chat_stream", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (response.status === 429 || response.status === 503) {
+        const wait = Math.max(1, parseInt(response.headers.get("Retry-After") || "1", 10));
+        bubble.remove();
+        if (userBubble) userBubble.remove();
+        if (replaced) replaced.hidden = false;
+        showNotice("The server is busy. Retrying in " + wait + " s…");
+        retryTimer = setTimeout(function () {
+          retryTimer = null;
+          send(userInput, regenerate);
+        }, wait * 1000);
+        return; // stays busy: Stop cancels the retry
+      }
+      if (!response.ok) {
+        const error = await response.json().catch(function () { return {}; });
+        bubble.remove();
+        if (userBubble) userBubble.remove();
+        if (replaced) replaced.hidden = false;
+        showNotice(error.message || "Request failed (" + response.status + ")");
+        if (!regenerate) input.value = userInput;
+        setBusy(false);
+        return;
+      }
+      if (replaced) replaced.remove();
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const chunk = await reader.read();
+        if (chunk.done) break;
+        text += decoder.decode(chunk.value, { stream: true });
+        setText(bubble, "assistant", text);
+        messages.scrollTop = messages.scrollHeight;
+      }
+      text += decoder.decode();
+      setText(bubble, "assistant", text);
+    } catch (error) {
+      if (error.name === "AbortError") {
+        if (text) bubble.classList.add("partial");
+        else bubble.remove();
+      } else {
+        showNotice("Connection lost: " + error.message);
+        bubble.classList.add("partial");
+      }
+    } finally {
+      bubble.classList.remove("streaming");
+      if (!retryTimer) {
+        controller = null;
+        setBusy(false);
+      }
+    }
+  }
+
+  function stop() {
+    if (retryTimer) {
+      clearTimeout(retryTimer);
+      retryTimer = null;
+      showNotice("");
+      setBusy(false);
+    }
+    if (controller) controller.abort();
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    const text = input.value;
+    if (!text.trim() || sendButton.disabled) return;
+    input.value = "";
+    send(text, false);
+  });
+
+  input.addEventListener("keydown", function (event) {
+    // While an IME is composing (Japanese, Chinese...), Enter confirms the conversion.
+    if (event.key !== "Enter" || event.shiftKey || event.isComposing || event.keyCode === 229) {
+      return;
+    }
+    event.preventDefault();
+    form.requestSubmit();
+  });
+
+  stopButton.addEventListener("click", stop);
+  regenerateButton.addEventListener("click", function () {
+    if (!regenerateButton.disabled) send(null, true);
+  });
+  clearButton.addEventListener("click", async function () {
+    const response = await fetch("/clear_context", { method: "POST" });
+    if (response.ok) {
+      messages.textContent = "";
+      showNotice("");
+    } else {
+      const error = await response.json().catch(function () { return {}; });
+      showNotice(error.message || "Could not clear the conversation");
+    }
+  });
+
+  settingsToggle.addEventListener("click", function () {
+    settings.hidden = !settings.hidden;
+    settingsToggle.setAttribute("aria-expanded", String(!settings.hidden));
+  });
+
+  async function loadParams() {
+    const response = await fetch("/get_generation_params");
+    if (!response.ok) return;
+    const params = await response.json();
+    for (const name of paramFields) document.getElementById(name).value = params[name];
+  }
+
+  for (const name of paramFields) {
+    document.getElementById(name).addEventListener("change", async function (event) {
+      const value = Number(event.target.value);
+      const response = await fetch("/set_generation_params", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ [name]: value }),
+      });
+      const data = await response.json();
+      if (response.ok) {
+        settingsStatus.textContent = "Saved";
+      } else {
+        settingsStatus.textContent = data.message || "Invalid value";
+        await loadParams();
+      }
+    });
+  }
+
+  fetch("/health").then(function (r) { return r.json(); }).then(function (health) {
+    document.getElementById("model").textContent = health.model || "";
+  }).catch(function () {});
+  loadHistory();
+  loadParams();
+})();

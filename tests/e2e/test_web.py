@@ -1,0 +1,199 @@
+"""The chat page in a real headless Chromium (Debian's), against a live server on the tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llamastream import create_app
+from tests.conftest import LiveServer, eventually, wait_idle
+from tests.e2e.test_chat import paused
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="Debian's chromium is not installed (apt-get install chromium)",
+)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def page_on(browser: Any, settings_kwargs: dict[str, Any], **changes: Any) -> Iterator[Any]:
+    app = create_app(**{**settings_kwargs, **changes})
+    with LiveServer(app) as live:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(live.url + "/")
+        page.app = app
+        page.live = live
+        try:
+            yield page
+        finally:
+            context.close()
+            with live.client() as probe:
+                wait_idle(probe)
+
+
+def bubbles(page: Any) -> list[tuple[str, str]]:
+    pairs = page.eval_on_selector_all(
+        ".message:not([hidden])",
+        "els => els.map(e => [e.classList.contains('user') ? 'user' : 'assistant', e.dataset.raw])",
+    )
+    return [tuple(pair) for pair in pairs]
+
+
+def stored(page: Any) -> list[dict[str, Any]]:
+    return page.evaluate("fetch('/get_prompt').then(r => r.json()).then(d => d.messages)")
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def wait_reply_done(page: Any) -> None:
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    page.wait_for_function("document.body.dataset.busy === ''")
+
+
+def test_stream_reload_regenerate_clear(browser: Any, settings_kwargs: dict[str, Any]) -> None:
+    with page_on(browser, settings_kwargs, max_new_tokens=48, seed=None) as page:
+        send(page, "こんにちは、元気？")
+        wait_reply_done(page)
+        shown = bubbles(page)
+        history = stored(page)
+        assert shown == [(m["role"], m["content"]) for m in history]
+        assert shown[0] == ("user", "こんにちは、元気？")
+
+        page.reload()
+        page.wait_for_selector(".message.assistant")
+        assert bubbles(page) == shown
+
+        page.click("#regenerate")
+        wait_reply_done(page)
+        after = stored(page)
+        assert len(after) == 2 and after[1]["id"] != history[1]["id"]
+        assert bubbles(page) == [(m["role"], m["content"]) for m in after]
+
+        page.click("#clear")
+        page.wait_for_function("document.querySelectorAll('.message').length === 0")
+        assert stored(page) == []
+
+
+def test_reply_streams_and_stop_aborts_it(browser: Any, settings_kwargs: dict[str, Any]) -> None:
+    growing = (
+        "n => { const b = document.querySelector('.message.assistant.streaming');"
+        " return b && b.dataset.raw.length > n ? b.dataset.raw.length : false; }"
+    )
+    with page_on(browser, settings_kwargs, n_ctx=8192, max_new_tokens=8000) as page:
+        send(page, "a long story please")
+        # The reply is shown while it grows, before it has ended.
+        seen = page.wait_for_function(growing, arg=20).json_value()
+        page.wait_for_function(growing, arg=seen + 20)
+        page.click("#stop")
+        page.wait_for_selector(".message.assistant.partial")
+        with page.live.client() as probe:
+            wait_idle(probe, timeout=3)
+        last = stored(page)[-1]
+        assert last["partial"] is True
+
+
+def test_busy_server_is_announced_and_retried(
+    browser: Any, settings_kwargs: dict[str, Any]
+) -> None:
+    with page_on(
+        browser, settings_kwargs, num_of_concurrent_executions=1, max_queue_size=0
+    ) as page:
+        pool = page.app.state.chat_stream.pool
+        with paused(pool.workers[0]):
+            holder = threading.Thread(
+                target=lambda: httpx.post(
+                    page.live.url + "/chat_stream", json={"user_input": "x"}, timeout=30
+                )
+            )
+            holder.start()
+            eventually(lambda: page.app.state.chat_stream.slots.load().processing == 1)
+            send(page, "hello?")
+            page.wait_for_selector("#notice:not([hidden])")
+            assert "busy" in page.inner_text("#notice")
+        holder.join(10)
+        wait_reply_done(page)  # the page retried after Retry-After by itself
+        assert [role for role, _ in bubbles(page)] == ["user", "assistant"]
+
+
+def test_enter_while_composing_does_not_send(browser: Any, settings_kwargs: dict[str, Any]) -> None:
+    with page_on(browser, settings_kwargs) as page:
+        page.fill("#input", "にほんご")
+        page.evaluate(
+            """() => document.getElementById('input').dispatchEvent(new KeyboardEvent(
+                'keydown', {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))"""
+        )
+        page.wait_for_timeout(300)
+        assert bubbles(page) == []
+        assert page.input_value("#input") == "にほんご"
+
+
+def test_generation_params_are_bound(browser: Any, settings_kwargs: dict[str, Any]) -> None:
+    with page_on(browser, settings_kwargs) as page:
+        page.click("#settings-toggle")
+        page.wait_for_function("document.getElementById('temperature').value !== ''")
+        page.fill("#temperature", "0.25")
+        page.dispatch_event("#temperature", "change")
+        page.wait_for_function("document.getElementById('settings-status').textContent === 'Saved'")
+        params = page.evaluate("fetch('/get_generation_params').then(r => r.json())")
+        assert params["temperature"] == 0.25
+        page.fill("#max_new_tokens", "999999")
+        page.dispatch_event("#max_new_tokens", "change")
+        page.wait_for_function("document.getElementById('settings-status').textContent !== 'Saved'")
+        assert "max_new_tokens" in page.inner_text("#settings-status")
+
+
+def test_markdown_cannot_inject_html(browser: Any, settings_kwargs: dict[str, Any]) -> None:
+    with page_on(browser, settings_kwargs) as page:
+        html = page.evaluate(
+            """renderMarkdown('<img src=x onerror=alert(1)> **bold** `<b>` [x](javascript:alert(1))'
+               + '\\n\\n```\\n<script>alert(2)</script>\\n```\\n- item [ok](https://example.org/a)')"""
+        )
+        assert "<img" not in html and "<script" not in html and "<b>" not in html
+        assert "&lt;img" in html and "&lt;script&gt;" in html
+        assert "<strong>bold</strong>" in html
+        assert 'href="javascript' not in html
+        assert '<a href="https://example.org/a" target="_blank" rel="noopener noreferrer">' in html
+
+
+def test_phone_width(browser: Any, settings_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    with page_on(browser, settings_kwargs, max_new_tokens=16) as page:
+        page.set_viewport_size({"width": 375, "height": 700})
+        send(page, "hi from a phone")
+        wait_reply_done(page)
+        for selector in ("#send", "#regenerate", "#clear", "#input", "#settings-toggle"):
+            box = page.locator(selector).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.screenshot(path=str(tmp_path / "phone.png"))
