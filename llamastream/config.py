@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         16, ge=0, le=100_000, description="Requests allowed to wait for a slot; more get 429."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="llama.cpp workers: model copies, each on its own thread and batching its "
+        "share of the slots into one decode step. More than one is for several GPUs or models.",
+    )
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context length (tokens) of a slot.")
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens decoded per step.")
     max_new_tokens: int = Field(

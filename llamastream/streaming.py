@@ -53,6 +53,13 @@ class EventBridge(Generic[T]):
     async def get(self) -> T:
         return await self._queue.get()
 
+    async def get_all(self) -> list[T]:
+        """Wait for one item, then take every item already waiting too."""
+        items = [await self._queue.get()]
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
 
 class WatchedStreamResponse(Response):
     """Runs ``producer(send)`` while listening for ``http.disconnect``.
@@ -187,12 +194,15 @@ class Runner:
         framing = run.framing
         try:
             while not run.done:
-                event = await run.bridge.get()
-                run.take(event)
-                if isinstance(event, TextChunk) and framing.streaming:
+                # Text that piled up while the last piece was being sent goes out as one piece.
+                events = await run.bridge.get_all()
+                for event in events:
+                    run.take(event)
+                text = "".join(e.text for e in events if isinstance(e, TextChunk))
+                if text and framing.streaming:
                     if not run.started:
                         await send(_start(framing.head(run)))
-                    await send(_body(framing.piece(run, event.text), more=True))
+                    await send(_body(framing.piece(run, text), more=True))
                     run.started = True
             if run.error is None:
                 await self._settle(run, "success")

@@ -7,7 +7,6 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
 
 import llama_cpp
 
@@ -19,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerPool:
-    """``settings.num_of_concurrent_executions`` slots over workers of one slot each."""
+    """``settings.num_of_concurrent_executions`` slots, split over ``settings.workers`` workers."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.model_path is None:
@@ -27,16 +26,24 @@ class WorkerPool:
         self.settings = settings
         self.model_path = Path(settings.model_path)
         self.n_slots = settings.num_of_concurrent_executions
-        llama_kwargs: dict[str, Any] = {
-            "n_ctx": settings.n_ctx,
-            "n_batch": min(settings.n_batch, settings.n_ctx),
-            "n_gpu_layers": settings.n_gpu_layers,
-            "n_threads": settings.n_threads,
-        }
-        self.workers = [
-            Worker(i, str(self.model_path), **llama_kwargs) for i in range(self.n_slots)
+        n_workers = min(settings.workers, self.n_slots)
+        shares = [
+            self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
         ]
-        self._slot_owner = [w for w in self.workers for _ in range(w.n_slots)]
+        self.workers = [
+            Worker(
+                i,
+                str(self.model_path),
+                n_slots=share,
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_gpu_layers=settings.n_gpu_layers,
+                n_threads=settings.n_threads,
+            )
+            for i, share in enumerate(shares)
+        ]
+        # slot index → (worker, sequence within the worker)
+        self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
         self._vocab: llama_cpp.Llama | None = None
         self._vocab_lock = threading.Lock()
         self.template = ChatTemplate()
@@ -54,7 +61,8 @@ class WorkerPool:
             logger.warning("%s has no chat template; using ChatML", self.model_name)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self._control = self._control_token_pattern()
-        await asyncio.gather(*(asyncio.wrap_future(w.start()) for w in self.workers))
+        for worker in self.workers:  # one at a time: loads are serialized anyway
+            await asyncio.wrap_future(worker.start())
         logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
 
     async def stop(self) -> None:
@@ -97,7 +105,8 @@ class WorkerPool:
         return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
     def submit(self, slot: int, job: Job) -> None:
-        self._slot_owner[slot].submit(job)
+        worker, seq = self._slot_place[slot]
+        worker.submit(job, seq)
 
     def _token_text(self, token: int) -> str:
         assert self._vocab is not None

@@ -1,9 +1,13 @@
-"""Worker: one llama.cpp model and context, owned by one thread, serving its slots.
+"""Worker: one llama.cpp model and context, owned by one thread, serving several slots.
 
-Only the worker's own thread ever touches its `Llama`. A job reports back through
-``job.on_event``, called on that thread; `llamastream.streaming` carries the events to the
-event loop. A worker owns ``n_slots`` slots; this version runs one slot per worker, and the
-job API is shaped so a later version can batch several slots into one decode step.
+Each slot is a KV-cache sequence of the context. The worker's loop decodes every active slot in
+one ``llama_decode`` per step (continuous batching): a generating slot adds its last token, a
+slot reading its prompt adds a chunk of it (so a long prompt does not stall the others), new
+jobs join between steps and finished ones leave. Each slot samples with its own sampler chain
+(its own parameters and seed). A job reports back through ``job.on_event``, called on the
+worker's thread; `llamastream.streaming` carries the events to the event loop.
+
+Only the worker's own thread touches its model and context.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import queue
 import random
 import threading
 from collections.abc import Callable
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import llama_cpp
+from llama_cpp import _internals as internals
 
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.stops import StopScanner
@@ -58,10 +64,7 @@ class Job:
     params: SamplingParams
     on_event: Callable[[Event], None]
     cancel: threading.Event = field(default_factory=threading.Event)
-
-
-class Cancelled(Exception):
-    """Raised inside the worker thread when a job's client has gone."""
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 # llama-cpp-python silences a quiet load by pointing the process's fds 1 and 2 at /dev/null
@@ -75,145 +78,324 @@ def load_llama(model_path: str, **kwargs: Any) -> llama_cpp.Llama:
         return llama_cpp.Llama(model_path=model_path, verbose=False, **kwargs)
 
 
-class Worker:
-    """A `Llama` and the single thread that drives it."""
+class _Slot:
+    """A job running on one sequence of the context."""
 
-    def __init__(self, index: int, model_path: str, *, n_slots: int = 1, **llama_kwargs: Any):
+    def __init__(self, seq: int, job: Job, sampler: internals.LlamaSampler, pending: list[int]):
+        self.seq = seq
+        self.job = job
+        self.sampler = sampler
+        self.pending = pending  # prompt tokens still to decode; then the last sampled token
+        self.generated = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopScanner(job.params.stop)
+        self.logits_at = -1  # index in the current batch whose logits this slot samples
+
+
+class Worker:
+    """A model, a context of ``n_slots`` sequences of ``n_ctx`` tokens each, and its thread."""
+
+    def __init__(
+        self,
+        index: int,
+        model_path: str,
+        *,
+        n_slots: int = 1,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+    ) -> None:
         self.index = index
         self.n_slots = n_slots
+        self.n_ctx = n_ctx
+        self.n_batch = max(n_batch, n_slots)
         self._model_path = model_path
-        self._llama_kwargs = llama_kwargs
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"llamastream-worker-{index}")
-        self._llama: llama_cpp.Llama | None = None
+        self._n_gpu_layers = n_gpu_layers
+        self._n_threads = n_threads
+        self._inbox: queue.SimpleQueue[tuple[int, Job] | Callable[[], None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._loop, name=f"llamastream-worker-{index}")
+        self._ready: Future[None] = Future()
+        self._model: internals.LlamaModel | None = None
+        self._ctx: internals.LlamaContext | None = None
+        self._batch: internals.LlamaBatch | None = None
         self._pieces: dict[int, bytes] = {}
+        self._cached: list[list[int]] = [[] for _ in range(n_slots)]
+        self._active: dict[int, _Slot] = {}
+        self._samplers = ThreadPoolExecutor(
+            max(1, min(n_slots, 8)), thread_name_prefix=f"llamastream-sample-{index}"
+        )
+
+    # control, from any thread
 
     def start(self) -> Future[None]:
         """Load the model on the worker's thread; the future resolves when it is ready."""
-        return self._executor.submit(self._load)
+        self._thread.start()
+        return self._ready
 
-    def submit(self, job: Job) -> Future[None]:
-        """Run ``job`` on this worker's thread. Events go to ``job.on_event``; never raises."""
-        return self._executor.submit(self._run, job)
+    def submit(self, job: Job, seq: int = 0) -> None:
+        """Run ``job`` on sequence ``seq`` (a slot of this worker). Never raises."""
+        self._inbox.put((seq, job))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker's thread between two steps."""
+        self._inbox.put(fn)
 
     def stop(self) -> None:
-        """Wait for running jobs to end, then free the model."""
-        self._executor.submit(self._unload)
-        self._executor.shutdown(wait=True)
+        """Finish the running jobs' current step, cancel them, and free the model."""
+        self._inbox.put(None)
+        self._thread.join()
+        self._samplers.shutdown(wait=True)
+
+    # the worker's thread
 
     def _load(self) -> None:
-        self._llama = load_llama(self._model_path, **self._llama_kwargs)
-        logger.info("worker %d loaded %s", self.index, self._model_path)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if self._n_gpu_layers < 0 else self._n_gpu_layers
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = self.n_ctx * self.n_slots
+        ctx_params.n_batch = self.n_batch
+        ctx_params.n_ubatch = self.n_batch
+        ctx_params.n_seq_max = self.n_slots
+        ctx_params.kv_unified = False
+        if self._n_threads:
+            ctx_params.n_threads = ctx_params.n_threads_batch = self._n_threads
+        with _LOAD_LOCK:
+            self._model = internals.LlamaModel(
+                path_model=self._model_path, params=model_params, verbose=False
+            )
+            self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        logger.info(
+            "worker %d loaded %s: %d slot(s) of %d tokens",
+            self.index,
+            self._model_path,
+            self.n_slots,
+            self.n_ctx,
+        )
 
     def _unload(self) -> None:
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        for slot in list(self._active.values()):
+            self._end(slot, Finished("cancelled", len(slot.job.prompt_tokens), slot.generated))
+        for obj in (self._batch, self._ctx, self._model):
+            if obj is not None:
+                obj.close()
+        self._batch = self._ctx = self._model = None
 
-    def _run(self, job: Job) -> None:
+    def _loop(self) -> None:
         try:
-            job.on_event(self._generate(job))
-        except Cancelled:
-            job.on_event(Finished("cancelled", len(job.prompt_tokens), 0))
-        except Exception as exc:
-            logger.exception("worker %d: generation failed", self.index)
-            job.on_event(Failed(exc))
-
-    def _generate(self, job: Job) -> Finished:
-        llama = self._llama
-        if llama is None:
-            raise RuntimeError("worker is not loaded")
-        params = job.params
-        tokens = job.prompt_tokens
-        self._prefill(llama, tokens, job.cancel)
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        grammar = (
-            llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
-            if params.grammar
-            else None
-        )
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llama._model.vocab
-        n_generated = 0
-        reason: FinishReason = "length"
-        generator = llama.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            grammar=grammar,
-        )
-        stops = StopScanner(params.stop)
+            self._load()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
         try:
-            for token in generator:
-                if job.cancel.is_set():
-                    return self._finish(job, decoder, "cancelled", n_generated, stops)
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    reason = "stop"
-                    break
-                n_generated += 1
-                text, stopped = stops.feed(decoder.decode(self._piece(token)))
-                if text:
-                    job.on_event(TextChunk(text))
-                if stopped:
-                    return Finished("stop", len(tokens), n_generated)
-                if n_generated >= params.max_new_tokens:
-                    break
+            while True:
+                if not self._take_inbox(block=not self._active):
+                    return
+                self._drop_cancelled()
+                if self._active:
+                    try:
+                        self._step()
+                    except Exception as exc:
+                        logger.exception("worker %d: a decode step failed", self.index)
+                        self._fail_all(exc)
         finally:
-            generator.close()
-        return self._finish(job, decoder, reason, n_generated, stops)
+            self._unload()
 
-    def _finish(
-        self,
-        job: Job,
-        decoder: codecs.IncrementalDecoder,
-        reason: FinishReason,
-        n: int,
-        stops: StopScanner | None = None,
-    ) -> Finished:
-        """Flush the decoder (and text held for stop strings) and report the end."""
-        tail = decoder.decode(b"", final=True)
-        if stops is not None:
-            tail, stopped = stops.feed(tail)
-            if stopped:
-                reason = "stop"
-            else:
-                tail += stops.flush()
-        if tail:
-            job.on_event(TextChunk(tail))
-        return Finished(reason, len(job.prompt_tokens), n)
+    def _take_inbox(self, *, block: bool) -> bool:
+        """Start newly submitted jobs; False once asked to stop."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                return False
+            if callable(item):
+                item()
+                continue
+            seq, job = item
+            try:
+                self._begin(seq, job)
+            except Exception as exc:
+                logger.exception("worker %d: could not start a job", self.index)
+                self._finish_job(job, Failed(exc))
 
-    def _prefill(self, llama: llama_cpp.Llama, tokens: list[int], cancel: threading.Event) -> None:
-        """Decode the prompt in chunks, reusing the cached common prefix; cancellable per chunk.
-
-        Leaves the context holding exactly ``tokens``, so `Llama.generate` samples at once.
-        """
-        cached = llama.input_ids[: llama.n_tokens].tolist()
+    def _begin(self, seq: int, job: Job) -> None:
+        assert self._ctx is not None and self._model is not None
+        if seq in self._active:
+            raise RuntimeError(f"slot {seq} of worker {self.index} is busy")
+        tokens = job.prompt_tokens
+        if not tokens or len(tokens) >= self.n_ctx:
+            raise ValueError(f"the prompt must have 1 to {self.n_ctx - 1} tokens")
+        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        if max(tokens) >= llama_cpp.llama_vocab_n_tokens(vocab) or min(tokens) < 0:
+            raise ValueError("the prompt holds a token outside the vocabulary")
+        # Reuse what this sequence already holds of the prompt (a session's earlier turns).
+        cached = self._cached[seq]
         common = 0
         for a, b in zip(cached, tokens, strict=False):
             if a != b:
                 break
             common += 1
-        common = min(common, len(tokens) - 1)
-        if common == 0 or not llama._ctx.kv_cache_seq_rm(-1, common, -1):
-            llama.reset()
+        common = min(common, len(tokens) - 1)  # the last prompt token is decoded for its logits
+        if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, common, -1):
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, 0, -1)
             common = 0
-        llama.n_tokens = common
-        step = llama.n_batch
-        for start in range(common, len(tokens), step):
-            if cancel.is_set():
-                raise Cancelled
-            llama.eval(tokens[start : start + step])
+        del cached[common:]
+        sampler = self._sampler(job.params)
+        self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
+
+    def _sampler(self, params: SamplingParams) -> internals.LlamaSampler:
+        assert self._model is not None
+        sampler = internals.LlamaSampler()
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model.model))
+        sampler.add_penalties(
+            n_vocab,
+            64,
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        )
+        if params.grammar:
+            grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
+            sampler.add_grammar(self._model, grammar)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        if params.temperature <= 0:
+            sampler.add_greedy()
+        else:
+            if params.top_k > 0:
+                sampler.add_top_k(params.top_k)
+            sampler.add_top_p(params.top_p, 1)
+            if params.min_p > 0:
+                sampler.add_min_p(params.min_p, 1)
+            sampler.add_temp(params.temperature)
+            sampler.add_dist(seed)
+        return sampler
+
+    def _drop_cancelled(self) -> None:
+        for slot in list(self._active.values()):
+            if slot.job.cancel.is_set():
+                self._end(slot, self._flush(slot, "cancelled"))
+
+    def _step(self) -> None:
+        """One ``llama_decode`` over every active slot, then sample those that need it."""
+        assert self._ctx is not None and self._batch is not None
+        batch = self._batch.batch
+        n = 0
+        fed: list[tuple[_Slot, int]] = []
+        # Generating slots first (one token each), then prompt chunks in the room left.
+        order = sorted(self._active.values(), key=lambda s: len(s.pending) > 1)
+        for slot in order:
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            take = slot.pending[:room]
+            cached = self._cached[slot.seq]
+            for i, token in enumerate(take):
+                batch.token[n] = token
+                batch.pos[n] = len(cached) + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq
+                batch.logits[n] = False
+                n += 1
+            done_reading = len(take) == len(slot.pending)
+            slot.logits_at = n - 1 if done_reading else -1
+            if done_reading:
+                batch.logits[n - 1] = True
+            fed.append((slot, len(take)))
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status})")
+        for slot, count in fed:
+            self._cached[slot.seq].extend(slot.pending[:count])
+            del slot.pending[:count]
+        sampling = [slot for slot, _ in fed if slot.logits_at >= 0]
+        tokens: list[int | BaseException]
+        if len(sampling) > 1:
+            tokens = list(self._samplers.map(self._sample, sampling))
+        else:
+            tokens = [self._sample(slot) for slot in sampling]
+        for slot, sampled in zip(sampling, tokens, strict=True):
+            try:
+                self._after_sample(slot, sampled)
+            except Exception as exc:  # this slot's job ends; the others go on
+                logger.exception("worker %d: a job failed", self.index)
+                self._end(slot, Failed(exc))
+
+    def _fail_all(self, exc: Exception) -> None:
+        """End every active job with ``exc`` and forget what their sequences held."""
+        assert self._ctx is not None
+        for slot in list(self._active.values()):
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, 0, -1)
+            self._cached[slot.seq].clear()
+            self._end(slot, Failed(exc))
+
+    def _sample(self, slot: _Slot) -> int | BaseException:
+        assert self._ctx is not None
+        try:
+            return slot.sampler.sample(self._ctx, slot.logits_at)
+        except Exception as exc:  # a grammar with no way forward, for one
+            return exc
+
+    def _after_sample(self, slot: _Slot, token: int | BaseException) -> None:
+        assert self._model is not None
+        job = slot.job
+        if isinstance(token, BaseException):
+            self._end(slot, Failed(token))
+            return
+        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            self._end(slot, self._flush(slot, "stop"))
+            return
+        slot.generated += 1
+        text, stopped = slot.stops.feed(slot.decoder.decode(self._piece(token)))
+        if text:
+            job.on_event(TextChunk(text))
+        if stopped:
+            self._end(slot, Finished("stop", len(job.prompt_tokens), slot.generated))
+        elif slot.generated >= job.params.max_new_tokens:
+            self._end(slot, self._flush(slot, "length"))
+        elif len(self._cached[slot.seq]) + 1 >= self.n_ctx:
+            self._end(slot, self._flush(slot, "length"))
+        else:
+            slot.pending = [token]
+
+    def _flush(self, slot: _Slot, reason: FinishReason) -> Finished:
+        """Emit the text held back (an incomplete character, a possible stop string)."""
+        tail, stopped = slot.stops.feed(slot.decoder.decode(b"", final=True))
+        if stopped:
+            reason = "stop"
+        else:
+            tail += slot.stops.flush()
+        if tail:
+            slot.job.on_event(TextChunk(tail))
+        return Finished(reason, len(slot.job.prompt_tokens), slot.generated)
+
+    def _end(self, slot: _Slot, event: Finished | Failed) -> None:
+        self._active.pop(slot.seq, None)
+        slot.sampler.close()
+        self._finish_job(slot.job, event)
+
+    def _finish_job(self, job: Job, event: Finished | Failed) -> None:
+        try:
+            job.on_event(event)
+        except Exception:
+            logger.exception("worker %d: the job's listener failed", self.index)
+        finally:
+            job.done.set()
 
     def _piece(self, token: int) -> bytes:
         """The raw bytes of one token (byte tokens give their single byte)."""
         piece = self._pieces.get(token)
         if piece is None:
-            assert self._llama is not None
-            vocab = self._llama._model.vocab
+            assert self._model is not None
+            vocab = llama_cpp.llama_model_get_vocab(self._model.model)
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
             if n < 0:

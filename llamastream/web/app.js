@@ -109,16 +109,24 @@
       if (replaced) replaced.remove();
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
+      let frame = 0; // render at most once per animation frame, however fast text arrives
+      const paint = function () {
+        frame = 0;
+        setText(bubble, "assistant", text);
+        messages.scrollTop = messages.scrollHeight;
+      };
       for (;;) {
         const chunk = await reader.read();
         if (chunk.done) break;
         text += decoder.decode(chunk.value, { stream: true });
-        setText(bubble, "assistant", text);
-        messages.scrollTop = messages.scrollHeight;
+        bubble.dataset.raw = text;
+        if (!frame) frame = requestAnimationFrame(paint);
       }
       text += decoder.decode();
+      if (frame) cancelAnimationFrame(frame);
       setText(bubble, "assistant", text);
     } catch (error) {
+      if (text) setText(bubble, "assistant", text);
       if (error.name === "AbortError") {
         if (text) bubble.classList.add("partial");
         else bubble.remove();

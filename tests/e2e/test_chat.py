@@ -38,9 +38,9 @@ class Recorder:
 
 @contextlib.contextmanager
 def paused(worker: Worker) -> Iterator[None]:
-    """Hold the worker's thread so the job on its slot waits (the slot stays busy)."""
+    """Hold the worker's thread between two steps: jobs on its slots wait (the slots stay busy)."""
     gate = threading.Event()
-    worker._executor.submit(gate.wait)
+    worker.call(gate.wait)
     try:
         yield
     finally:
@@ -291,7 +291,7 @@ def test_one_session_at_a_time(settings_kwargs: dict[str, Any]) -> None:
         chat(client, user_input="first")
         pool = app.state.chat_stream.pool
         results: list[httpx.Response] = []
-        with paused(pool.workers[0]), paused(pool.workers[1]):
+        with paused(pool.workers[0]):
             running = threading.Thread(
                 target=lambda: results.append(chat(client, user_input="slow"))
             )

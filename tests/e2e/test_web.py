@@ -119,9 +119,9 @@ def test_reply_streams_and_stop_aborts_it(browser: Any, settings_kwargs: dict[st
         page.click("#stop")
         page.wait_for_selector(".message.assistant.partial")
         with page.live.client() as probe:
-            wait_idle(probe, timeout=3)
+            wait_idle(probe, timeout=10)
         last = stored(page)[-1]
-        assert last["partial"] is True
+        assert last["partial"] is True  # cut short by the client leaving, not finished
 
 
 def test_busy_server_is_announced_and_retried(

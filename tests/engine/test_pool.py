@@ -17,12 +17,18 @@ def _fd_identity(fd: int) -> tuple[int, int]:
 async def test_parallel_loads_leave_stdout_and_stderr_alone(tiny_model: Path) -> None:
     before = [_fd_identity(1), _fd_identity(2)]
     pool = WorkerPool(
-        Settings(model_path=tiny_model, num_of_concurrent_executions=4, n_ctx=512, n_threads=1)
+        Settings(
+            model_path=tiny_model,
+            num_of_concurrent_executions=5,
+            workers=2,
+            n_ctx=512,
+            n_threads=1,
+        )
     )
     await pool.start()
     try:
         assert [_fd_identity(1), _fd_identity(2)] == before
-        assert len(pool.workers) == 4
+        assert [w.n_slots for w in pool.workers] == [3, 2]
     finally:
         await pool.stop()
 

@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llamastream.engine.sampling import SamplingParams
-from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk, Worker
+from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk, Worker, load_llama
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_model: Path) -> Iterator[Worker]:
-    w = Worker(0, str(tiny_model), n_ctx=4096, n_batch=64, n_threads=1)
+    w = Worker(0, str(tiny_model), n_slots=4, n_ctx=4096, n_batch=64, n_threads=1)
     w.start().result(30)
     yield w
     w.stop()
 
 
 @pytest.fixture(scope="module")
-def prompt(worker: Worker) -> list[int]:
-    assert worker._llama is not None
-    return worker._llama.tokenize(b"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+def prompt(tiny_model: Path) -> list[int]:
+    vocab = load_llama(str(tiny_model), vocab_only=True)
+    tokens = vocab.tokenize(
+        b"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", special=True
+    )
+    vocab.close()
+    return tokens
 
 
-def run(worker: Worker, job_tokens: list[int], params: SamplingParams) -> list[Event]:
+def run(worker: Worker, job_tokens: list[int], params: SamplingParams, seq: int = 0) -> list[Event]:
     events: queue.Queue[Event] = queue.Queue()
-    worker.submit(Job(job_tokens, params, events.put)).result(60)
+    job = Job(job_tokens, params, events.put)
+    worker.submit(job, seq)
+    assert job.done.wait(60)
     return list(events.queue)
 
 
@@ -71,7 +78,8 @@ def test_cancel_stops_within_one_token(worker: Worker, prompt: list[int]) -> Non
             job.cancel.set()
 
     job = Job(prompt, SamplingParams(max_new_tokens=1000, seed=5), on_event)
-    worker.submit(job).result(30)
+    worker.submit(job)
+    assert job.done.wait(30)
     assert seen[-1] == Finished("cancelled", len(prompt), 3)
     assert len([e for e in seen if isinstance(e, TextChunk)]) == 3
 
@@ -90,3 +98,51 @@ def test_stop_string_split_across_tokens_is_not_emitted(worker: Worker, prompt: 
     assert text == "日本語のテキスト、"
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason == "stop"
+
+
+def test_batched_slots_give_the_same_replies_as_alone(worker: Worker, tiny_model: Path) -> None:
+    vocab = load_llama(str(tiny_model), vocab_only=True)
+    prompts = [
+        vocab.tokenize(f"<|im_start|>user\n{q}<|im_end|>\n".encode(), special=True)
+        for q in ("first", "a second, longer question", "三番目", "4")
+    ]
+    vocab.close()
+    params = [
+        SamplingParams(temperature=0.0, max_new_tokens=40),
+        SamplingParams(temperature=0.9, max_new_tokens=30, seed=11),
+        SamplingParams(temperature=1.3, top_k=5, max_new_tokens=50, seed=12),
+        SamplingParams(temperature=0.0, max_new_tokens=20, stop=("日本",)),
+    ]
+    alone = [run(worker, p, q, seq=0) for p, q in zip(prompts, params, strict=True)]
+
+    queues: list[queue.Queue[Event]] = [queue.Queue() for _ in prompts]
+    jobs = [Job(p, q, e.put) for p, q, e in zip(prompts, params, queues, strict=True)]
+    gate = threading.Event()
+    worker.call(gate.wait)  # all four join before the first step
+    for seq, job in enumerate(jobs):
+        worker.submit(job, seq)
+    gate.set()
+    for job in jobs:
+        assert job.done.wait(60)
+    batched = [list(e.queue) for e in queues]
+
+    def text(events: list[Event]) -> str:
+        return "".join(e.text for e in events if isinstance(e, TextChunk))
+
+    assert [text(e) for e in batched] == [text(e) for e in alone]
+    assert [e[-1] for e in batched] == [e[-1] for e in alone]
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(worker: Worker, prompt: list[int]) -> None:
+    long_prompt = prompt * 40  # read in chunks of n_batch (64) over many steps
+    order: list[str] = []
+    short = Job(prompt, SamplingParams(max_new_tokens=30, seed=1), lambda e: order.append("s"))
+    long = Job(long_prompt, SamplingParams(max_new_tokens=1, seed=1), lambda e: order.append("L"))
+    gate = threading.Event()
+    worker.call(gate.wait)
+    worker.submit(short, 0)
+    worker.submit(long, 1)
+    gate.set()
+    assert short.done.wait(30) and long.done.wait(30)
+    # The short reply kept streaming while the long prompt was being read.
+    assert order.index("L") > 10
