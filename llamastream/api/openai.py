@@ -77,6 +77,7 @@ class _Common(BaseModel):
     top_k: int | None = Field(None, ge=0, le=100_000)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -350,4 +351,5 @@ def _sampling(req: _Common, chat_stream: ChatStream, n_prompt: int) -> Any:
         max_new_tokens=min(asked or settings.max_new_tokens, room),
         grammar=grammar,
         stop=stop,
+        ignore_eos=req.ignore_eos or None,
     )

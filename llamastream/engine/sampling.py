@@ -36,6 +36,7 @@ class SamplingParams:
     seed: int | None = None
     grammar: str | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def updated(self, **changes: Any) -> SamplingParams:
         """A copy with the given non-None fields replaced."""

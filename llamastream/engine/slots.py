@@ -73,10 +73,18 @@ class SlotController:
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
         self._held_since: dict[int, float] = {}
 
-    def reserve(self) -> Ticket:
-        """A ticket that holds a slot or a place in line; `QueueFullError` when neither is left."""
+    def reserve(self, prefer: int | None = None) -> Ticket:
+        """A ticket that holds a slot or a place in line; `QueueFullError` when neither is left.
+
+        A free ``prefer`` slot (the one that served the conversation last, whose KV cache still
+        holds its history) is taken first; otherwise the slot free the longest, which keeps
+        other conversations' caches alive the longest.
+        """
         ticket = Ticket(self)
-        if self._free:
+        if prefer is not None and prefer in self._free:
+            self._free.remove(prefer)
+            self._give(ticket, prefer)
+        elif self._free:
             self._give(ticket, self._free.popleft())
         elif len(self._waiting) < self.max_queue:
             self._waiting.append(ticket)

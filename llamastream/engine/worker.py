@@ -124,6 +124,8 @@ class Worker:
         self._pieces: dict[int, bytes] = {}
         self._cached: list[list[int]] = [[] for _ in range(n_slots)]
         self._active: dict[int, _Slot] = {}
+        self.prompt_tokens = 0  # prompt tokens received, and how many of them were already cached
+        self.reused_tokens = 0
         self._samplers = ThreadPoolExecutor(
             max(1, min(n_slots, 8)), thread_name_prefix=f"llamastream-sample-{index}"
         )
@@ -247,6 +249,8 @@ class Worker:
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, 0, -1)
             common = 0
         del cached[common:]
+        self.prompt_tokens += len(tokens)
+        self.reused_tokens += common
         sampler = self._sampler(job.params)
         self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
 
@@ -350,7 +354,7 @@ class Worker:
             self._end(slot, Failed(token))
             return
         vocab = llama_cpp.llama_model_get_vocab(self._model.model)
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
+        if llama_cpp.llama_vocab_is_eog(vocab, token) and not job.params.ignore_eos:
             self._end(slot, self._flush(slot, "stop"))
             return
         slot.generated += 1

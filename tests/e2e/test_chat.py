@@ -182,6 +182,20 @@ def test_disconnect_while_streaming_stops_generation(settings_kwargs: dict[str, 
         assert len(messages[-1]["content"]) < 4000
 
 
+def test_a_conversation_returns_to_its_slot_and_reuses_its_cache(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    with server(settings_kwargs, n_ctx=2048) as (live, app), live.client() as a, live.client() as b:
+        worker = app.state.chat_stream.pool.workers[0]
+        chat(a, user_input="first question of a " + "words " * 30)
+        chat(b, user_input="b starts")
+        chat(b, user_input="b goes on")
+        reused = worker.reused_tokens
+        chat(a, user_input="a again")
+        # A's second turn found its first turn (some 200 tokens) still in its slot's cache.
+        assert worker.reused_tokens - reused > 200
+
+
 def test_regenerate_replaces_the_last_reply(settings_kwargs: dict[str, Any]) -> None:
     with server(settings_kwargs, seed=None) as (live, _), live.client() as client:
         nothing = chat(client, regenerate=True)

@@ -69,3 +69,14 @@ async def test_no_queue_means_immediate_refusal() -> None:
     slots.reserve()
     with pytest.raises(QueueFullError):
         slots.reserve()
+
+
+async def test_prefers_the_conversations_slot_then_the_longest_free() -> None:
+    slots = SlotController(n_slots=3, max_queue=0)
+    tickets = [slots.reserve() for _ in range(3)]
+    assert [t.slot for t in tickets] == [0, 1, 2]
+    for t in (tickets[1], tickets[0], tickets[2]):
+        t.release()
+    assert slots.reserve(prefer=2).slot == 2
+    assert slots.reserve().slot == 1  # free the longest
+    assert slots.reserve(prefer=2).slot == 0  # the preferred slot is busy
