@@ -262,7 +262,10 @@ class ChatStream:
             tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, pool, prompt, params)
             max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
-            ticket = self.slots.reserve(prefer=self._last_slot.get(session.id))
+            prefer = self._last_slot.get(session.id)
+            if prefer not in self.slots.free_slots():
+                prefer = pool.best_slot(tokens, self.slots.free_slots())
+            ticket = self.slots.reserve(prefer=prefer)
         except BaseException:
             prompt.messages[:] = before
             raise

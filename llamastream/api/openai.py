@@ -282,7 +282,9 @@ async def _complete(request: Request, kind: Kind) -> Response:
         text = _prompt_text(req, pool, settings.system_prompt)
         tokens = await anyio.to_thread.run_sync(pool.tokenize, text)
         params = _sampling(req, chat_stream, len(tokens))
-        ticket = chat_stream.slots.reserve()
+        # The free slot that already holds most of this prompt (a conversation's earlier turns).
+        prefer = pool.best_slot(tokens, chat_stream.slots.free_slots())
+        ticket = chat_stream.slots.reserve(prefer=prefer)
     except LlamaStreamError as exc:
         return openai_error_response(exc)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

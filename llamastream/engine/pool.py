@@ -104,6 +104,27 @@ class WorkerPool:
             return None
         return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
+    def best_slot(self, tokens: list[int], candidates: list[int]) -> int | None:
+        """The candidate slot whose KV cache holds the longest prefix of ``tokens``, if any.
+
+        A slot qualifies only if at least half of what it holds is reused: a new conversation
+        that merely shares a system prompt must not evict another conversation's cache (the
+        caller then takes the slot free the longest). Reads the workers' bookkeeping from the
+        event loop: a hint, never a guarantee (the worker checks the real prefix at start).
+        """
+        best, best_len = None, 0
+        for slot in candidates:
+            worker, seq = self._slot_place[slot]
+            cached = worker.cached_tokens(seq)
+            n = 0
+            for a, b in zip(cached, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len and 2 * n >= len(cached):
+                best, best_len = slot, n
+        return best
+
     def submit(self, slot: int, job: Job) -> None:
         worker, seq = self._slot_place[slot]
         worker.submit(job, seq)

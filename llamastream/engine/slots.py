@@ -92,6 +92,9 @@ class SlotController:
             raise QueueFullError(retry_after=self.retry_after())
         return ticket
 
+    def free_slots(self) -> list[int]:
+        return list(self._free)
+
     def load(self) -> Load:
         return Load(
             processing=self.n_slots - len(self._free),

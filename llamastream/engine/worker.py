@@ -118,6 +118,7 @@ class Worker:
         )
         self._thread = threading.Thread(target=self._loop, name=f"llamastream-worker-{index}")
         self._ready: Future[None] = Future()
+        self._stopping = threading.Event()
         self._model: internals.LlamaModel | None = None
         self._ctx: internals.LlamaContext | None = None
         self._batch: internals.LlamaBatch | None = None
@@ -139,7 +140,14 @@ class Worker:
 
     def submit(self, job: Job, seq: int = 0) -> None:
         """Run ``job`` on sequence ``seq`` (a slot of this worker). Never raises."""
+        if self._stopping.is_set():
+            self._finish_job(job, Failed(RuntimeError("the worker is stopping")))
+            return
         self._inbox.put((seq, job))
+
+    def cached_tokens(self, seq: int) -> list[int]:
+        """A copy of the tokens sequence ``seq`` holds in the KV cache (a snapshot)."""
+        return list(self._cached[seq])
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the worker's thread between two steps."""
@@ -147,6 +155,7 @@ class Worker:
 
     def stop(self) -> None:
         """Finish the running jobs' current step, cancel them, and free the model."""
+        self._stopping.set()
         self._inbox.put(None)
         self._thread.join()
         self._samplers.shutdown(wait=True)
@@ -179,6 +188,7 @@ class Worker:
         )
 
     def _unload(self) -> None:
+        self._refuse_waiting()
         for slot in list(self._active.values()):
             self._end(slot, Finished("cancelled", len(slot.job.prompt_tokens), slot.generated))
         for obj in (self._batch, self._ctx, self._model):
@@ -216,6 +226,7 @@ class Worker:
                 return True
             block = False
             if item is None:
+                self._refuse_waiting()
                 return False
             if callable(item):
                 item()
@@ -226,6 +237,16 @@ class Worker:
             except Exception as exc:
                 logger.exception("worker %d: could not start a job", self.index)
                 self._finish_job(job, Failed(exc))
+
+    def _refuse_waiting(self) -> None:
+        """On stop: end every job still waiting in the inbox, so no caller waits forever."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple):
+                self._finish_job(item[1], Finished("cancelled", len(item[1].prompt_tokens), 0))
 
     def _begin(self, seq: int, job: Job) -> None:
         assert self._ctx is not None and self._model is not None
@@ -251,6 +272,9 @@ class Worker:
         del cached[common:]
         self.prompt_tokens += len(tokens)
         self.reused_tokens += common
+        logger.debug(
+            "worker %d slot %d: %d of %d prompt tokens cached", self.index, seq, common, len(tokens)
+        )
         sampler = self._sampler(job.params)
         self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
 

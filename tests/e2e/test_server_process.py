@@ -83,3 +83,34 @@ def test_openai_json_mode_with_the_real_model(smollm2: Path, tmp_path: Path) -> 
         client.close()
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+@pytest.mark.slow
+def test_interleaved_conversations_keep_their_caches(smollm2: Path, tmp_path: Path) -> None:
+    """Stateless clients resend the history; each lands on the slot that still holds it."""
+    import openai
+
+    from llamastream import create_app
+    from tests.conftest import LiveServer
+
+    app = create_app(
+        model_path=smollm2, session_dir=tmp_path / "s", num_of_concurrent_executions=3, n_ctx=2048
+    )
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        worker = app.state.chat_stream.pool.workers[0]
+        histories: list[list[dict[str, str]]] = [[] for _ in range(3)]
+        before = (0, 0)
+        for turn in range(3):
+            if turn == 2:
+                before = (worker.prompt_tokens, worker.reused_tokens)
+            for n, history in enumerate(histories):
+                history.append({"role": "user", "content": f"Story {n}, part {turn}: go on."})
+                reply = client.chat.completions.create(
+                    model=smollm2.stem, messages=history, max_tokens=24, temperature=0
+                )
+                history.append({"role": "assistant", "content": reply.choices[0].message.content})
+        client.close()
+    prompt = worker.prompt_tokens - before[0]
+    reused = worker.reused_tokens - before[1]
+    assert reused > 0.8 * prompt, (reused, prompt)

@@ -60,3 +60,22 @@ async def test_conversation_text_never_becomes_a_control_token(tiny_model: Path)
         assert pool.defuse("plain text") == "plain text"
     finally:
         await pool.stop()
+
+
+async def test_best_slot_never_evicts_a_conversation_for_a_shared_prefix(tiny_model: Path) -> None:
+    pool = WorkerPool(Settings(model_path=tiny_model, num_of_concurrent_executions=3, n_ctx=512))
+    await pool.start()
+    try:
+        worker = pool.workers[0]
+        system = list(range(100, 130))
+        worker._cached[0] = [*system, *range(200, 300)]  # a long conversation
+        worker._cached[1] = [*system, *range(300, 310)]  # a short one
+        worker._cached[2] = []
+        mine = [*system, *range(200, 300), 7, 8, 9]
+        assert pool.best_slot(mine, [0, 1, 2]) == 0  # its own conversation
+        assert pool.best_slot(mine, [1, 2]) == 1  # 30 of its 40 tokens serve again
+        new = [*system, 1, 2, 3]
+        assert pool.best_slot(new, [0, 1, 2]) == 1  # 30 of 40 cached tokens reused: worth it
+        assert pool.best_slot(new, [0, 2]) is None  # 30 of 130 would be thrown away
+    finally:
+        await pool.stop()

@@ -1,0 +1,511 @@
+"""Side-by-side benchmark: llamastream against llama-cpp-python and llama.cpp's llama-server.
+
+Every server is started here, on 127.0.0.1, with the same model and settings, and measured one
+after another in this one run, so the figures compare. Each is driven with streaming chat
+requests of ``--tokens`` generated tokens (end-of-sequence suppressed) at each concurrency:
+aggregate completion tokens/s, TTFT p50/p95, broken and refused streams. A multi-turn run then
+replays ``--conversations`` conversations of ``--turns`` turns, round-robin, each turn resending
+the whole history, and compares the time to first token of the last turn with the first.
+
+    python scripts/bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+    python scripts/bench.py --llama-server /path/to/llama-server --concurrency 1 4 8 16
+
+Writes ``docs/benchmarks/<name>.md`` (the command and the machine at the top) and a PNG chart.
+Needs ``pip install -e '.[bench]'``. Bounded: every request has a timeout, every level a count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = ["a lighthouse", "a robot", "the sea", "a mountain", "a library", "a city", "a garden"]
+
+
+@dataclass
+class Level:
+    """The figures of one server at one concurrency."""
+
+    concurrency: int
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    broken: int = 0
+    refused: int = 0
+    requests: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def eog_tokens(model: Path) -> list[int]:
+    import llama_cpp
+
+    vocab_model = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    vocab = vocab_model._model.vocab
+    ids = [
+        t
+        for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+        if llama_cpp.llama_vocab_is_eog(vocab, t)
+    ]
+    vocab_model.close()
+    return ids
+
+
+@contextlib.contextmanager
+def server(name: str, args: list[str], port: int, log_dir: Path) -> Iterator[str]:
+    log = (log_dir / f"{name}.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {log.name}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[str, float | None, int, str]:
+    """One streaming chat request: (outcome, ttft, completion tokens, text)."""
+    start = time.perf_counter()
+    ttft = None
+    chunks = 0
+    usage_tokens = None
+    text = []
+    done = False
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code in (429, 503):
+                return "refused", None, 0, ""
+            if r.status_code != 200:
+                return "broken", None, 0, ""
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if ttft is None:
+                            ttft = time.perf_counter() - start
+                        chunks += 1
+                        text.append(piece)
+    except (httpx.HTTPError, json.JSONDecodeError):
+        return "broken", ttft, chunks, "".join(text)
+    tokens = usage_tokens if usage_tokens is not None else chunks
+    return ("ok" if done else "broken"), ttft, tokens, "".join(text)
+
+
+def request_body(i: int, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    topic = TOPICS[i % len(TOPICS)]
+    content = f"Story {i}: tell me a long, detailed story about {topic}."
+    return {
+        "model": args.model_id,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": args.tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+
+
+async def measure_level(url: str, c: int, args: argparse.Namespace, extra: dict[str, Any]) -> Level:
+    level = Level(c)
+    timeout = httpx.Timeout(args.timeout)
+    async with httpx.AsyncClient(
+        timeout=timeout, limits=httpx.Limits(max_connections=c + 4)
+    ) as client:
+        counter = iter(range(10**6))
+
+        async def user() -> None:
+            for _ in range(args.rounds):
+                outcome, ttft, tokens, _ = await stream_chat(
+                    client, url, request_body(next(counter), args, extra)
+                )
+                level.requests += 1
+                level.tokens += tokens
+                if outcome == "refused":
+                    level.refused += 1
+                elif outcome == "broken" or tokens < args.tokens:
+                    level.broken += 1
+                if ttft is not None:
+                    level.ttft.append(ttft)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(c)))
+        level.wall = time.perf_counter() - start
+    return level
+
+
+async def measure_multi_turn(
+    url: str, args: argparse.Namespace, extra: dict[str, Any]
+) -> tuple[list[float], list[float]]:
+    """Median TTFT of the first and the last turn over interleaved conversations."""
+    histories: list[list[dict[str, str]]] = [[] for _ in range(args.conversations)]
+    first: list[float] = []
+    last: list[float] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout)) as client:
+        for turn in range(args.turns):
+            for conv, history in enumerate(histories):
+                history.append(
+                    {
+                        "role": "user",
+                        "content": f"Conversation {conv}, turn {turn}: "
+                        f"go on with the story of {TOPICS[conv % len(TOPICS)]}.",
+                    }
+                )
+                body = {
+                    "model": args.model_id,
+                    "messages": history,
+                    "max_tokens": args.reply_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    **extra,
+                }
+                _, ttft, _, text = await stream_chat(client, url, body)
+                history.append({"role": "assistant", "content": text})
+                if ttft is not None and turn == 0:
+                    first.append(ttft)
+                if ttft is not None and turn == args.turns - 1:
+                    last.append(ttft)
+    return first, last
+
+
+def raw_floor(args: argparse.Namespace) -> Level:
+    """In-process llama-cpp-python, token by token, one request at a time: the floor.
+
+    ``Llama.generate`` with nothing between tokens but an incremental UTF-8 decode, so it is
+    what llama-cpp-python can do at best for one stream (no HTTP, no sampling in Python).
+    """
+    import codecs
+
+    import llama_cpp
+
+    llama = llama_cpp.Llama(
+        str(args.model),
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        verbose=False,
+    )
+    level = Level(1)
+    for i in range(args.rounds + 1):
+        body = request_body(i, args, {})
+        prompt = llama.tokenize(
+            f"<|im_start|>user\n{body['messages'][0]['content']}<|im_end|>\n"
+            "<|im_start|>assistant\n".encode(),
+            special=True,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        start = time.perf_counter()
+        ttft = None
+        tokens = 0
+        llama.reset()
+        for token in llama.generate(prompt, temp=0, top_k=1, repeat_penalty=1.0):
+            if decoder.decode(llama.detokenize([token])) and ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += 1
+            if tokens == args.tokens:
+                break
+        if i == 0:
+            continue  # warm-up
+        level.wall += time.perf_counter() - start
+        level.tokens += tokens
+        level.requests += 1
+        if ttft is not None:
+            level.ttft.append(ttft)
+    llama.close()
+    return level
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client and level")
+    parser.add_argument("--slots", type=int, default=16, help="parallel slots of every server")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context per slot")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--reply-tokens", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        help="measure only these: raw llamastream llama-cpp-python llama-server",
+    )
+    parser.add_argument("--name", default="cpu", help="output file name in docs/benchmarks/")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    args = parser.parse_args()
+    args.model_id = args.model.stem
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "llamastream-bench"
+    log_dir.mkdir(exist_ok=True)
+    eog = eog_tokens(args.model)
+    wanted = set(args.only or ["raw", "llamastream", "llama-cpp-python", "llama-server"])
+    py = sys.executable
+    targets: list[tuple[str, list[str], dict[str, Any], int]] = []
+    port = free_port()
+    if "llamastream" in wanted:
+        cmd = [
+            py,
+            "-m",
+            "llamastream",
+            "serve",
+            "--model",
+            str(args.model),
+            "--port",
+            str(port),
+            "--slots",
+            str(args.slots),
+            "--queue",
+            "256",
+            "--n-ctx",
+            str(args.n_ctx),
+            "--max-new-tokens",
+            str(max(args.tokens, args.reply_tokens)),
+            "--n-threads",
+            str(args.threads),
+            "--n-gpu-layers",
+            str(args.n_gpu_layers),
+            "--session-dir",
+            str(log_dir / "sessions"),
+            "--log-level",
+            "warning",
+        ]
+        targets.append(("llamastream", cmd, {"ignore_eos": True}, port))
+    port = free_port()
+    if "llama-cpp-python" in wanted:
+        cmd = [
+            py,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(args.model),
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(args.n_ctx),
+            "--n_threads",
+            str(args.threads),
+            "--model_alias",
+            args.model_id,
+            "--n_gpu_layers",
+            str(args.n_gpu_layers),
+        ]
+        targets.append(
+            ("llama-cpp-python server", cmd, {"logit_bias": {str(t): -100 for t in eog}}, port)
+        )
+    port = free_port()
+    if "llama-server" in wanted and args.llama_server:
+        cmd = [
+            str(args.llama_server),
+            "-m",
+            str(args.model),
+            "--port",
+            str(port),
+            "-np",
+            str(args.slots),
+            "-c",
+            str(args.n_ctx * args.slots),
+            "-t",
+            str(args.threads),
+            "--alias",
+            args.model_id,
+            "-ngl",
+            str(args.n_gpu_layers),
+        ]
+        targets.append((f"llama-server -np {args.slots}", cmd, {"ignore_eos": True}, port))
+
+    results: dict[str, list[Level]] = {}
+    multi: dict[str, tuple[list[float], list[float]]] = {}
+    if "raw" in wanted:
+        print("raw in-process llama-cpp-python …", flush=True)
+        results["raw llama-cpp-python (in-process)"] = [raw_floor(args)]
+    for name, cmd, extra, port in targets:
+        print(f"{name} …", flush=True)
+        with server(name.split()[0], cmd, port, log_dir) as url:
+            asyncio.run(
+                measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
+            )  # warm-up
+            results[name] = [
+                asyncio.run(measure_level(url, c, args, extra)) for c in args.concurrency
+            ]
+            for level in results[name]:
+                print(
+                    f"  c={level.concurrency}: {level.rate:.0f} tok/s, "
+                    f"broken {level.broken}, refused {level.refused}",
+                    flush=True,
+                )
+            if args.turns > 1 and args.conversations > 0:
+                multi[name] = asyncio.run(measure_multi_turn(url, args, extra))
+    write_report(args, results, multi)
+
+
+def write_report(
+    args: argparse.Namespace,
+    results: dict[str, list[Level]],
+    multi: dict[str, tuple[list[float], list[float]]],
+) -> None:
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    lines = [
+        f"# Benchmark: {args.name}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Model: `{args.model.name}`; {args.tokens} generated tokens per request (end of "
+        f"sequence suppressed), greedy; {args.slots} slots of {args.n_ctx} tokens; "
+        f"{args.rounds} requests per client.",
+        "",
+        "| server | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) "
+        "| broken | refused | requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, levels in results.items():
+        for lv in levels:
+            lines.append(
+                f"| {name} | {lv.concurrency} | {lv.rate:.0f} | {pct(lv.ttft, 0.5) * 1000:.0f} | "
+                f"{pct(lv.ttft, 0.95) * 1000:.0f} | {lv.broken} | {lv.refused} | {lv.requests} |"
+            )
+    ours = results.get("llamastream")
+    raw = results.get("raw llama-cpp-python (in-process)")
+    if ours:
+        lines += ["", "## Ratios", ""]
+        by_c = {lv.concurrency: lv for lv in ours}
+        if raw and 1 in by_c:
+            lines.append(
+                f"- llamastream at concurrency 1 / raw in-process: {by_c[1].rate / raw[0].rate:.2f}"
+            )
+        top = max(by_c)
+        if 1 in by_c and top != 1:
+            lines.append(
+                f"- llamastream at concurrency {top} / llamastream at 1: "
+                f"{by_c[top].rate / by_c[1].rate:.2f}"
+            )
+        for name, levels in results.items():
+            if name in ("llamastream", "raw llama-cpp-python (in-process)"):
+                continue
+            for lv in levels:
+                if lv.concurrency in by_c and lv.rate:
+                    lines.append(
+                        f"- llamastream / {name} at concurrency {lv.concurrency}: "
+                        f"{by_c[lv.concurrency].rate / lv.rate:.2f}"
+                    )
+    if multi:
+        lines += [
+            "",
+            f"## Multi-turn: {args.conversations} conversations x {args.turns} turns, "
+            f"{args.reply_tokens}-token replies, round-robin",
+            "",
+            "| server | TTFT turn 1 median (ms) | TTFT last turn median (ms) | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, (first, last) in multi.items():
+            a, b = (
+                statistics.median(first) if first else float("nan"),
+                statistics.median(last) if last else float("nan"),
+            )
+            lines.append(f"| {name} | {a * 1000:.0f} | {b * 1000:.0f} | {b / a:.2f} |")
+    report = args.out / f"{args.name}.md"
+    report.write_text("\n".join(lines) + "\n")
+    print(report.read_text())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, levels in results.items():
+        xs = [lv.concurrency for lv in levels]
+        ys = [lv.rate for lv in levels]
+        if len(xs) == 1:
+            ax.axhline(ys[0], linestyle="--", color="grey", label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{args.model.name}, {args.tokens} tokens per request")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / f"{args.name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

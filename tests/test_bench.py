@@ -1,0 +1,27 @@
+"""scripts/bench.py end to end with tiny numbers: it starts llamastream, measures, and reports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(tiny_model)]
+    cmd += ["--only", "raw", "llamastream", "--concurrency", "1", "2", "--tokens", "8"]
+    cmd += ["--rounds", "1", "--slots", "2", "--n-ctx", "512", "--conversations", "2"]
+    cmd += ["--turns", "2", "--reply-tokens", "4", "--timeout", "60"]
+    cmd += ["--name", "smoke", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (tmp_path / "smoke.md").read_text()
+    assert "- Command: `python scripts/bench.py" in report
+    rows = [line for line in report.splitlines() if line.startswith("| llamastream |")]
+    assert len(rows) == 3  # concurrency 1 and 2, and the multi-turn row
+    cells = rows[1].split("|")
+    assert float(cells[3]) > 0  # aggregate tokens/s at concurrency 2
+    assert cells[6].strip() == "0" and cells[7].strip() == "0"  # nothing broken or refused
+    assert "llamastream at concurrency 1 / raw in-process" in report
