@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -97,8 +96,6 @@ class ChatStream:
         self.runner = Runner(self.slots)
         self.pool: WorkerPool | None = None
         self._busy_sessions: set[str] = set()
-        # session id → the slot that served its last turn (its KV cache may still hold it)
-        self._last_slot: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     # lifecycle
 
@@ -262,9 +259,8 @@ class ChatStream:
             tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, pool, prompt, params)
             max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
-            prefer = self._last_slot.get(session.id)
-            if prefer not in self.slots.free_slots():
-                prefer = pool.best_slot(tokens, self.slots.free_slots())
+            # The free slot whose cache still holds this conversation's earlier turns.
+            prefer = pool.best_slot(tokens, self.slots.free_slots())
             ticket = self.slots.reserve(prefer=prefer)
         except BaseException:
             prompt.messages[:] = before
@@ -272,8 +268,6 @@ class ChatStream:
 
         async def settle(run: Run) -> None:
             """Store the turn: the reply (partial if cut short), or the history as it was."""
-            if run.ticket.slot is not None:
-                self._remember_slot(session.id, run.ticket.slot)
             try:
                 if run.outcome == "success":
                     prompt.add_assistant_message(run.reply, message_id=run.id)
@@ -314,12 +308,6 @@ class ChatStream:
             return manager, manager.get_session()
         # Without SessionMiddleware every request is a conversation of its own.
         return None, Session(new_session_id())
-
-    def _remember_slot(self, session_id: str, slot: int) -> None:
-        self._last_slot[session_id] = slot
-        self._last_slot.move_to_end(session_id)
-        while len(self._last_slot) > 100_000:
-            self._last_slot.popitem(last=False)
 
     def _lock_session(self, session: Session) -> None:
         if session.id in self._busy_sessions:
