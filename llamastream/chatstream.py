@@ -93,7 +93,7 @@ class ChatStream:
         self.slots = SlotController(
             self.settings.num_of_concurrent_executions, self.settings.max_queue_size
         )
-        self.runner = Runner(self.slots)
+        self.runner = Runner()
         self.pool: WorkerPool | None = None
         self._busy_sessions: set[str] = set()
 

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from llamastream.engine.sampling import SamplingParams
-from llamastream.engine.slots import SlotController, Ticket
+from llamastream.engine.slots import Ticket
 from llamastream.engine.worker import Event, Finished, Job, TextChunk
 from llamastream.errors import GenerationError, LlamaStreamError
 
@@ -66,9 +66,9 @@ class WatchedStreamResponse(Response):
 
     The producer sends the response itself (it may choose its status late, after queueing).
     If the client leaves before the last body message is sent, the producer is cancelled and
-    ``disconnected`` is True;
-    ``on_close()`` always runs afterwards, shielded, whatever happened. The producer handles
-    its own errors; whatever ``on_close`` raises ends the response (and the connection).
+    ``disconnected`` is True. ``on_close()`` always runs afterwards, shielded, whatever
+    happened. The producer handles its own errors; whatever ``on_close`` raises ends the
+    response (and the connection).
     """
 
     def __init__(
@@ -172,12 +172,10 @@ class Run:
 
 
 class Runner:
-    """Runs generation requests through the slots and the workers, whatever their framing."""
-
-    def __init__(self, slots: SlotController) -> None:
-        self.slots = slots
+    """Runs accepted requests through the workers, whatever their framing."""
 
     def response(self, pool: WorkerPool, run: Run) -> WatchedStreamResponse:
+        """The response that runs ``run`` when the server calls it."""
         return WatchedStreamResponse(
             lambda send: self._produce(pool, run, send), lambda r: self._close(run, r)
         )

@@ -35,6 +35,8 @@ from typing import Any
 
 import httpx
 
+from llamastream.chat.templates import ChatTemplate
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = ["a lighthouse", "a robot", "the sea", "a mountain", "a library", "a city", "a garden"]
 
@@ -242,14 +244,12 @@ def raw_floor(args: argparse.Namespace) -> Level:
         n_gpu_layers=args.n_gpu_layers,
         verbose=False,
     )
+    template = ChatTemplate.from_metadata(llama.metadata, bos="", eos="")
     level = Level(1)
     for i in range(args.rounds + 1):
         body = request_body(i, args, {})
-        prompt = llama.tokenize(
-            f"<|im_start|>user\n{body['messages'][0]['content']}<|im_end|>\n"
-            "<|im_start|>assistant\n".encode(),
-            special=True,
-        )
+        # The same prompt the servers build: the model's own chat template.
+        prompt = llama.tokenize(template.render(body["messages"]).encode(), special=True)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         start = time.perf_counter()
         ttft = None

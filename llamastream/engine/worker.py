@@ -229,7 +229,10 @@ class Worker:
                 self._refuse_waiting()
                 return False
             if callable(item):
-                item()
+                try:
+                    item()
+                except Exception:
+                    logger.exception("worker %d: a call failed", self.index)
                 continue
             seq, job = item
             try:
