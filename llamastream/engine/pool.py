@@ -115,13 +115,8 @@ class WorkerPool:
         best, best_len = None, 0
         for slot in candidates:
             worker, seq = self._slot_place[slot]
-            cached = worker.cached_tokens(seq)
-            n = 0
-            for a, b in zip(cached, tokens, strict=False):
-                if a != b:
-                    break
-                n += 1
-            if n > best_len and 2 * n >= len(cached):
+            n, held = worker.prefix_match(seq, tokens)
+            if n > best_len and 2 * n >= held:
                 best, best_len = slot, n
         return best
 

@@ -78,6 +78,16 @@ def load_llama(model_path: str, **kwargs: Any) -> llama_cpp.Llama:
         return llama_cpp.Llama(model_path=model_path, verbose=False, **kwargs)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class _Slot:
     """A job running on one sequence of the context."""
 
@@ -123,6 +133,8 @@ class Worker:
         self._ctx: internals.LlamaContext | None = None
         self._batch: internals.LlamaBatch | None = None
         self._pieces: dict[int, bytes] = {}
+        self._vocab: Any = None
+        self._n_vocab = 0
         self._cached: list[list[int]] = [[] for _ in range(n_slots)]
         self._active: dict[int, _Slot] = {}
         self.prompt_tokens = 0  # prompt tokens received, and how many of them were already cached
@@ -145,9 +157,13 @@ class Worker:
             return
         self._inbox.put((seq, job))
 
-    def cached_tokens(self, seq: int) -> list[int]:
-        """A copy of the tokens sequence ``seq`` holds in the KV cache (a snapshot)."""
-        return list(self._cached[seq])
+    def prefix_match(self, seq: int, tokens: list[int]) -> tuple[int, int]:
+        """(tokens of ``tokens`` that sequence ``seq`` holds as a prefix, tokens it holds).
+
+        Read from another thread while the worker may be appending: a hint, not a promise.
+        """
+        cached = self._cached[seq]
+        return common_prefix(cached, tokens), len(cached)
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the worker's thread between two steps."""
@@ -179,6 +195,8 @@ class Worker:
             )
             self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         logger.info(
             "worker %d loaded %s: %d slot(s) of %d tokens",
             self.index,
@@ -258,17 +276,13 @@ class Worker:
         tokens = job.prompt_tokens
         if not tokens or len(tokens) >= self.n_ctx:
             raise ValueError(f"the prompt must have 1 to {self.n_ctx - 1} tokens")
-        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
-        if max(tokens) >= llama_cpp.llama_vocab_n_tokens(vocab) or min(tokens) < 0:
+        if max(tokens) >= self._n_vocab or min(tokens) < 0:
             raise ValueError("the prompt holds a token outside the vocabulary")
         # Reuse what this sequence already holds of the prompt (a session's earlier turns).
         cached = self._cached[seq]
-        common = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # the last prompt token is decoded for its logits
+        common = min(
+            common_prefix(cached, tokens), len(tokens) - 1
+        )  # the last prompt token is decoded for its logits
         if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, common, -1):
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, 0, -1)
             common = 0
@@ -284,9 +298,8 @@ class Worker:
     def _sampler(self, params: SamplingParams) -> internals.LlamaSampler:
         assert self._model is not None
         sampler = internals.LlamaSampler()
-        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model.model))
         sampler.add_penalties(
-            n_vocab,
+            self._n_vocab,
             64,
             params.repeat_penalty,
             params.frequency_penalty,
@@ -380,8 +393,7 @@ class Worker:
         if isinstance(token, BaseException):
             self._end(slot, Failed(token))
             return
-        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
-        if llama_cpp.llama_vocab_is_eog(vocab, token) and not job.params.ignore_eos:
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not job.params.ignore_eos:
             self._end(slot, self._flush(slot, "stop"))
             return
         slot.generated += 1
@@ -425,12 +437,10 @@ class Worker:
         """The raw bytes of one token (byte tokens give their single byte)."""
         piece = self._pieces.get(token)
         if piece is None:
-            assert self._model is not None
-            vocab = llama_cpp.llama_model_get_vocab(self._model.model)
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[:n]
         return piece
