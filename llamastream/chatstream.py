@@ -20,7 +20,7 @@ from llamastream.chat.prompt import ChatPrompt
 from llamastream.config import Settings
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import GenerationParams, SamplingParams
-from llamastream.engine.slots import SlotController
+from llamastream.engine.slots import SlotController, Ticket
 from llamastream.errors import (
     BodyTooLargeError,
     InputTooLongError,
@@ -259,9 +259,7 @@ class ChatStream:
             tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, pool, prompt, params)
             max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
-            # The free slot whose cache still holds this conversation's earlier turns.
-            prefer = pool.best_slot(tokens, self.slots.free_slots())
-            ticket = self.slots.reserve(prefer=prefer)
+            ticket = self.reserve_slot(pool, tokens)
         except BaseException:
             prompt.messages[:] = before
             raise
@@ -354,17 +352,15 @@ class ChatStream:
         return self.default_params().updated(**(session.get(PARAMS_KEY) or {}))
 
     def _effective_params(self, session: Session) -> dict[str, Any]:
-        p = self._sampling_params(session)
-        return {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "repeat_penalty": p.repeat_penalty,
-            "max_new_tokens": p.max_new_tokens,
-            "seed": p.seed,
-        }
+        """The session's parameters in force: exactly the fields a session may set."""
+        params = self._sampling_params(session)
+        return {name: getattr(params, name) for name in GenerationParams.model_fields}
 
     # helpers
+
+    def reserve_slot(self, pool: WorkerPool, tokens: list[int]) -> Ticket:
+        """A place for a prompt: preferably the free slot whose cache holds most of it."""
+        return self.slots.reserve(prefer=pool.best_slot(tokens, self.slots.free_slots()))
 
     def require_pool(self) -> WorkerPool:
         """The loaded pool, or `NotReadyError` (503) while loading or shutting down."""

@@ -233,29 +233,19 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [entry]})
 
 
-@router.post(
-    "/chat/completions",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
-        }
-    },
-)
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI text for a route that parses its JSON body itself."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post("/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
     return await _complete(request, "chat")
 
 
-@router.post(
-    "/completions",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
-        }
-    },
-)
+@router.post("/completions", openapi_extra=_body_doc(CompletionRequest))
 async def completions(request: Request) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
     return await _complete(request, "text")
@@ -282,9 +272,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
         text = _prompt_text(req, pool, settings.system_prompt)
         tokens = await anyio.to_thread.run_sync(pool.tokenize, text)
         params = _sampling(req, chat_stream, len(tokens))
-        # The free slot that already holds most of this prompt (a conversation's earlier turns).
-        prefer = pool.best_slot(tokens, chat_stream.slots.free_slots())
-        ticket = chat_stream.slots.reserve(prefer=prefer)
+        ticket = chat_stream.reserve_slot(pool, tokens)
     except LlamaStreamError as exc:
         return openai_error_response(exc)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
