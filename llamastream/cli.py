@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import typing
 
 from pydantic import ValidationError
 
@@ -38,8 +40,18 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the flags given; the rest from the environment and the defaults."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    if "api_keys" in given:
-        given["api_keys"] = [key.strip() for key in given["api_keys"].split(",") if key.strip()]
+    for name, value in list(given.items()):
+        shape = typing.get_origin(Settings.model_fields[name].annotation)
+        kinds = {
+            typing.get_origin(a) for a in typing.get_args(Settings.model_fields[name].annotation)
+        }
+        if shape is list or list in kinds:
+            given[name] = [item.strip() for item in value.split(",") if item.strip()]
+        elif shape is dict:
+            try:
+                given[name] = json.loads(value)
+            except ValueError:
+                raise SystemExit(f"llamastream: --{name.replace('_', '-')} takes JSON") from None
     return Settings(**given)
 
 

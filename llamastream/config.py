@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Endpoint → role needed. The ChatStream endpoints serve the caller's own session, so they are
+# public like the chat page; the /v1 API takes API keys.
+DEFAULT_ROLES: dict[str, Literal["public", "user", "admin"]] = {
+    "chat_stream": "public",
+    "clear_context": "public",
+    "get_prompt": "public",
+    "set_generation_params": "public",
+    "get_generation_params": "public",
+    "get_load": "public",
+    "metrics": "public",
+    "v1": "user",
+}
 
 
 class Settings(BaseSettings):
@@ -32,12 +46,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         16, ge=0, le=100_000, description="Requests allowed to wait for a slot; more get 429."
     )
-    workers: int = Field(
+    workers: int | Literal["auto"] = Field(
         1,
-        ge=1,
-        le=64,
         description="llama.cpp workers: model copies, each on its own thread and batching its "
-        "share of the slots into one decode step. More than one is for several GPUs or models.",
+        "share of the slots into one decode step. More than one is for several GPUs; `auto`: "
+        "one per visible GPU (one on a CPU-only build).",
     )
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context length (tokens) of a slot.")
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens decoded per step.")
@@ -59,6 +72,33 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(
         0, ge=-1, description="Layers offloaded to the GPU (-1: all, 0: CPU only)."
     )
+    main_gpu: int = Field(
+        0, ge=0, description="GPU holding the model when it is not split (split_mode none)."
+    )
+    tensor_split: list[float] | None = Field(
+        None,
+        description="Share of the model per GPU, e.g. 3,1; unset: llama.cpp splits by free "
+        "memory. Command line: comma-separated.",
+    )
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto", description="Flash attention (auto: where the backend supports it)."
+    )
+    offload_kqv: bool = Field(
+        True, description="Keep the KV cache and attention on the GPU with offloaded layers."
+    )
+    type_k: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
+        "f16", description="KV cache type of keys (q8_0 halves its memory)."
+    )
+    type_v: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
+        "f16",
+        description="KV cache type of values (quantized types need flash attention).",
+    )
+    gpu_headroom_mib: int = Field(
+        512,
+        ge=0,
+        description="GPU memory (MiB) left free per device when checking that the model and "
+        "the KV cache fit; start-up is refused when they do not.",
+    )
     n_threads: int | None = Field(
         None, ge=1, description="CPU threads per worker for decoding; unset lets llama.cpp choose."
     )
@@ -73,13 +113,60 @@ class Settings(BaseSettings):
     )
     session_cookie: str = Field("llamastream_session", description="Name of the session cookie.")
     cookie_secure: bool = Field(False, description="Mark the session cookie Secure (HTTPS only).")
+    session_max_count: int = Field(
+        100_000, ge=1, description="Sessions kept at most; past it the oldest are evicted."
+    )
+    session_max_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Size cap of the session store (bytes); past it the oldest are evicted.",
+    )
+    session_backend: Literal["disk", "redis"] = Field(
+        "disk",
+        description="Where sessions live: `disk` (diskcache in session_dir, one server) or "
+        "`redis` (redis_url, shared by replicas).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis server of the `redis` session backend."
+    )
+    session_lock_ttl_s: float = Field(
+        30.0,
+        ge=1,
+        description="Expiry of a session's turn lock, renewed while the turn runs: how long a "
+        "session stays locked after its server died mid-turn.",
+    )
     max_body_bytes: int = Field(
-        1_000_000, ge=1024, description="Largest request body accepted (bytes)."
+        1_000_000, ge=1024, description="Largest request body accepted (bytes); more gets 413."
+    )
+    max_input_chars: int = Field(
+        32_000, ge=1, description="Longest user input or message accepted (characters); 400."
+    )
+    max_queue_wait_s: float = Field(
+        60.0, gt=0, description="Longest wait for a slot; then 503 with Retry-After."
+    )
+    max_generation_s: float = Field(
+        600.0, gt=0, description="Longest generation of one reply; then it ends as `length`."
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: seconds running streams may take to finish before they are "
+        "cancelled (new requests get 503 meanwhile).",
     )
     api_keys: list[str] = Field(
         default_factory=list,
-        description="Keys accepted as `Authorization: Bearer KEY` on the /v1 API; empty: open. "
-        "Command line: comma-separated; environment: a JSON list.",
+        description="Keys of the `user` role, sent as `Authorization: Bearer KEY`; empty: the "
+        "`user` role is open. Command line: comma-separated; environment: a JSON list.",
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys of the `admin` role (which may also do what `user` may).",
+    )
+    endpoint_roles: dict[str, Literal["public", "user", "admin"]] = Field(
+        default_factory=lambda: dict(DEFAULT_ROLES),
+        description="Role needed per endpoint (public: anyone; user: an api or admin key when "
+        "api_keys is set; admin: an admin key). Given entries replace the defaults; "
+        "command line and environment: JSON.",
     )
     model_alias: str | None = Field(
         None, description="Model id the /v1 API serves under; unset: the GGUF file name's stem."
@@ -89,9 +176,20 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")
 
     @model_validator(mode="after")
-    def _reply_fits_in_context(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.max_new_tokens >= self.n_ctx:
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be below n_ctx ({self.n_ctx})"
             )
+        unknown = set(self.endpoint_roles) - set(DEFAULT_ROLES)
+        if unknown:
+            raise ValueError(
+                f"endpoint_roles: unknown endpoint {sorted(unknown)[0]!r}; "
+                f"known: {', '.join(DEFAULT_ROLES)}"
+            )
+        self.endpoint_roles = {**DEFAULT_ROLES, **self.endpoint_roles}
+        if "admin" in self.endpoint_roles.values() and not self.admin_keys:
+            raise ValueError("endpoint_roles names the admin role but admin_keys is empty")
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
+            raise ValueError("workers must be between 1 and 64, or auto")
         return self

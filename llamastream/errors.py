@@ -9,10 +9,13 @@ class LlamaStreamError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.retry_after = retry_after  # seconds, sent as Retry-After when set
 
 
 class InvalidRequestError(LlamaStreamError):
@@ -45,6 +48,13 @@ class AuthenticationError(LlamaStreamError):
     code = "invalid_api_key"
 
 
+class ForbiddenError(LlamaStreamError):
+    """The key given is valid but its role may not use this endpoint."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class ModelNotFoundError(LlamaStreamError):
     status_code = 404
     code = "model_not_found"
@@ -69,8 +79,16 @@ class QueueFullError(LlamaStreamError):
     code = "too_many_requests"
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__("all generation slots are busy and the wait queue is full")
-        self.retry_after = retry_after
+        super().__init__(
+            "all generation slots are busy and the wait queue is full", retry_after=retry_after
+        )
+
+
+class QueueTimeoutError(LlamaStreamError):
+    """The request waited for a slot longer than ``max_queue_wait_s``."""
+
+    status_code = 503
+    code = "queue_timeout"
 
 
 class NotReadyError(LlamaStreamError):
@@ -78,6 +96,13 @@ class NotReadyError(LlamaStreamError):
 
     status_code = 503
     code = "not_ready"
+
+
+class SessionStoreError(LlamaStreamError):
+    """The session store cannot be read or written: chat is refused rather than not saved."""
+
+    status_code = 503
+    code = "session_store_unavailable"
 
 
 class PromptTemplateError(LlamaStreamError):

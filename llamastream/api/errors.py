@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from llamastream.errors import InvalidRequestError, LlamaStreamError, QueueFullError
+from llamastream.errors import InvalidRequestError, LlamaStreamError
 
 
 def error_response(exc: LlamaStreamError) -> JSONResponse:
@@ -16,7 +16,7 @@ def error_response(exc: LlamaStreamError) -> JSONResponse:
     if exc.field is not None:
         body["field"] = exc.field
     headers = {"Cache-Control": "no-store"}
-    if isinstance(exc, QueueFullError):
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
@@ -31,6 +31,7 @@ def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
 OPENAI_ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
@@ -50,7 +51,7 @@ def openai_error_response(exc: LlamaStreamError) -> JSONResponse:
         }
     }
     headers = {"Cache-Control": "no-store"}
-    if isinstance(exc, QueueFullError):
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if exc.status_code == 401:
         headers["WWW-Authenticate"] = "Bearer"

@@ -26,7 +26,7 @@ class WorkerPool:
         self.settings = settings
         self.model_path = Path(settings.model_path)
         self.n_slots = settings.num_of_concurrent_executions
-        n_workers = min(settings.workers, self.n_slots)
+        n_workers = min(settings.workers if isinstance(settings.workers, int) else 1, self.n_slots)
         shares = [
             self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
         ]

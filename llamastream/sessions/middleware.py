@@ -6,25 +6,28 @@ client can neither choose nor guess its way into another session.
 
 from __future__ import annotations
 
-import threading
 from http.cookies import SimpleCookie
 
-import anyio.to_thread
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamastream.errors import SessionStoreError
 from llamastream.sessions.store import Session, SessionStore, new_session_id
+
+MAX_ID_LENGTH = 128  # server ids are 43 characters; anything far longer is not worth a lookup
 
 
 class SessionManager:
     """What ``request.state.session`` holds: the request's session and how to save it."""
 
-    def __init__(self, store: SessionStore, session: Session, *, is_new: bool) -> None:
+    def __init__(
+        self, store: SessionStore, session: Session, *, is_new: bool, loaded: bool = True
+    ) -> None:
         self.store = store
         self.session = session
         self.is_new = is_new
-        self._lock = threading.Lock()
+        self.loaded = loaded  # False when the store failed to read it: use `reload` first
 
     @property
     def session_id(self) -> str:
@@ -33,14 +36,22 @@ class SessionManager:
     def get_session(self) -> Session:
         return self.session
 
-    def save_session(self) -> None:
-        """Write the session to the store (blocking: call it from a thread in async code)."""
-        with self._lock:
-            self.store.save(self.session)
+    async def save_session(self) -> None:
+        """Write the session to the store; `SessionStoreError` when it cannot."""
+        await self.store.save(self.session)
 
-    def clear_session(self) -> None:
+    async def reload(self) -> Session:
+        """Read the stored record again (another request or replica may have changed it)."""
+        stored = await self.store.load(self.session.id)
+        if stored is not None:
+            self.session.clear()
+            self.session.update(stored)
+        self.loaded = True
+        return self.session
+
+    async def clear_session(self) -> None:
         self.session.clear()
-        self.save_session()
+        await self.save_session()
 
 
 class SessionMiddleware:
@@ -66,10 +77,9 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         requested = HTTPConnection(scope).cookies.get(self.cookie_name)
-        session = await anyio.to_thread.run_sync(self.store.load, requested) if requested else None
-        manager = SessionManager(
-            self.store, session or Session(new_session_id()), is_new=session is None
-        )
+        if requested and len(requested) > MAX_ID_LENGTH:
+            requested = None
+        manager = await self._manager(requested)
         scope.setdefault("state", {})["session"] = manager
 
         async def send_with_cookie(message: Message) -> None:
@@ -78,6 +88,19 @@ class SessionMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
+
+    async def _manager(self, requested: str | None) -> SessionManager:
+        if not requested:
+            return SessionManager(self.store, Session(new_session_id()), is_new=True)
+        try:
+            session = await self.store.load(requested)
+        except SessionStoreError:
+            # Keep the id (the record may well exist): the routes that need the session
+            # reload it and answer 503 while the store stays unavailable.
+            return SessionManager(self.store, Session(requested), is_new=False, loaded=False)
+        if session is None:
+            return SessionManager(self.store, Session(new_session_id()), is_new=True)
+        return SessionManager(self.store, session, is_new=False)
 
     def _cookie(self, manager: SessionManager) -> str:
         cookie: SimpleCookie = SimpleCookie()

@@ -1,4 +1,4 @@
-"""Session storage: the SessionStore protocol and DiskSessionStore (diskcache, TTL, size cap).
+"""Session storage: the SessionStore protocol and DiskSessionStore (diskcache).
 
 A session is a dict-like `Session`. Its values are stored as JSON; a `ChatPrompt` value is
 stored as its messages (its template is attached again by `ChatStream` when it is used), so
@@ -10,16 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import anyio.to_thread
 import diskcache
 
 from llamastream.chat.prompt import ChatPrompt
+from llamastream.config import Settings
+from llamastream.errors import SessionBusyError, SessionStoreError
 
 logger = logging.getLogger(__name__)
 
 _PROMPT_TAG = "__chat_prompt__"
+
+T = TypeVar("T")
 
 
 def new_session_id() -> str:
@@ -53,27 +60,47 @@ class Session(dict):  # type: ignore[type-arg]
 
 
 class SessionStore(Protocol):
-    """Where sessions live. ``load`` returns None for an unknown or expired id."""
+    """Where sessions live; every implementation keeps the same semantics.
 
-    def load(self, session_id: str) -> Session | None: ...
+    - ``load`` returns None for an unknown or expired id; a read refreshes the TTL.
+    - ``save`` writes the whole record (last writer wins: callers serialize turns with
+      ``lock``) and raises `SessionStoreError` when it cannot, never losing silently.
+    - ``lock`` takes the session's turn lock without waiting, returning a token, or raises
+      `SessionBusyError`. The lock expires ``lock_ttl_s`` after it was taken or last
+      ``renew``-ed, so a dead holder cannot keep a session locked for good.
+    - Past ``max_count`` sessions or ``max_bytes`` of records, the least recently saved go.
+    """
 
-    def save(self, session: Session) -> None: ...
+    ttl_s: float
+    lock_ttl_s: float
 
-    def delete(self, session_id: str) -> None: ...
+    async def load(self, session_id: str) -> Session | None: ...
 
-    def close(self) -> None: ...
+    async def save(self, session: Session) -> None: ...
+
+    async def delete(self, session_id: str) -> None: ...
+
+    async def lock(self, session_id: str) -> str: ...
+
+    async def renew(self, session_id: str, token: str) -> bool: ...
+
+    async def unlock(self, session_id: str, token: str) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
 
 
 class DiskSessionStore:
-    """Sessions in a diskcache directory; each record expires ``ttl_s`` after its last use.
+    """Sessions in a diskcache directory (SQLite: a record is written whole or not at all).
 
-    >>> import tempfile
+    >>> import asyncio, tempfile
     >>> store = DiskSessionStore(tempfile.mkdtemp())
     >>> session = Session(new_session_id(), {"theme": "dark"})
-    >>> store.save(session)
-    >>> store.load(session.id)["theme"]
+    >>> asyncio.run(store.save(session))
+    >>> asyncio.run(store.load(session.id))["theme"]
     'dark'
-    >>> store.close()
+    >>> asyncio.run(store.close())
     """
 
     def __init__(
@@ -81,15 +108,50 @@ class DiskSessionStore:
         directory: str | Path,
         *,
         ttl_s: float = 7 * 24 * 3600.0,
-        size_limit: int = 1 << 30,
+        max_count: int = 100_000,
+        max_bytes: int = 1 << 30,
+        lock_ttl_s: float = 30.0,
     ) -> None:
         self.directory = Path(directory)
         self.ttl_s = ttl_s
+        self.lock_ttl_s = lock_ttl_s
+        self.max_count = max_count
+        # Records in one cache, locks in another, so that the oldest record is the first row.
         self._cache = diskcache.Cache(
-            str(self.directory), size_limit=size_limit, eviction_policy="least-recently-stored"
+            str(self.directory), size_limit=max_bytes, eviction_policy="least-recently-stored"
         )
+        self._locks = diskcache.Cache(str(self.directory / "locks"))
 
-    def load(self, session_id: str) -> Session | None:
+    async def load(self, session_id: str) -> Session | None:
+        return await _blocking(self._load, session_id)
+
+    async def save(self, session: Session) -> None:
+        await _blocking(self._save, session.id, session.to_json())
+
+    async def delete(self, session_id: str) -> None:
+        await _blocking(self._cache.delete, _key(session_id))
+
+    async def lock(self, session_id: str) -> str:
+        token = secrets.token_hex(16)
+        taken = await _blocking(self._locks.add, _key(session_id), token, self.lock_ttl_s)
+        if not taken:
+            raise SessionBusyError("another request of this session is still running")
+        return token
+
+    async def renew(self, session_id: str, token: str) -> bool:
+        return await _blocking(self._renew, session_id, token)
+
+    async def unlock(self, session_id: str, token: str) -> None:
+        await _blocking(self._unlock, session_id, token)
+
+    async def count(self) -> int:
+        return await _blocking(len, self._cache)
+
+    async def close(self) -> None:
+        self._cache.close()
+        self._locks.close()
+
+    def _load(self, session_id: str) -> Session | None:
         text = self._cache.get(_key(session_id))
         if text is None:
             return None
@@ -101,18 +163,59 @@ class DiskSessionStore:
         self._cache.touch(_key(session_id), expire=self.ttl_s)
         return session
 
-    def save(self, session: Session) -> None:
-        self._cache.set(_key(session.id), session.to_json(), expire=self.ttl_s)
+    def _save(self, session_id: str, text: str) -> None:
+        key = _key(session_id)
+        with self._cache.transact():
+            # Re-inserted, not updated: the row moves to the end, so the first row is always
+            # the least recently saved session.
+            self._cache.delete(key)
+            self._cache.set(key, text, expire=self.ttl_s)
+        while len(self._cache) > self.max_count:
+            oldest, _ = self._cache.peekitem(last=False)
+            logger.info("session cap (%d) reached: evicting the oldest", self.max_count)
+            self._cache.delete(oldest)
 
-    def delete(self, session_id: str) -> None:
-        self._cache.delete(_key(session_id))
+    def _renew(self, session_id: str, token: str) -> bool:
+        with self._locks.transact():
+            if self._locks.get(_key(session_id)) != token:
+                return False
+            return bool(self._locks.touch(_key(session_id), expire=self.lock_ttl_s))
 
-    def __len__(self) -> int:
-        return sum(1 for key in self._cache.iterkeys() if str(key).startswith("session:"))
+    def _unlock(self, session_id: str, token: str) -> None:
+        with self._locks.transact():
+            if self._locks.get(_key(session_id)) == token:
+                self._locks.delete(_key(session_id))
 
-    def close(self) -> None:
-        self._cache.close()
+
+async def _blocking(func: Callable[..., T], *args: Any) -> T:
+    """Run a diskcache call in a thread; storage failures become `SessionStoreError`."""
+    try:
+        return await anyio.to_thread.run_sync(func, *args)
+    except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+        logger.error("the session store failed: %s", exc)
+        raise SessionStoreError(f"the session store is unavailable: {exc}") from exc
 
 
 def _key(session_id: str) -> str:
     return f"session:{session_id}"
+
+
+def open_store(settings: Settings) -> SessionStore:
+    """The session store Settings ask for (`session_backend`)."""
+    if settings.session_backend == "redis":
+        from llamastream.sessions.redis_store import RedisSessionStore
+
+        return RedisSessionStore(
+            settings.redis_url,
+            ttl_s=settings.session_ttl_s,
+            max_count=settings.session_max_count,
+            max_bytes=settings.session_max_bytes,
+            lock_ttl_s=settings.session_lock_ttl_s,
+        )
+    return DiskSessionStore(
+        settings.session_dir,
+        ttl_s=settings.session_ttl_s,
+        max_count=settings.session_max_count,
+        max_bytes=settings.session_max_bytes,
+        lock_ttl_s=settings.session_lock_ttl_s,
+    )
