@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
@@ -29,10 +30,10 @@ from llamastream.errors import (
     NothingToRegenerateError,
     NotReadyError,
     PromptTemplateError,
-    SessionBusyError,
 )
+from llamastream.metrics import Metrics
 from llamastream.sessions.middleware import SessionManager
-from llamastream.sessions.store import Session, new_session_id
+from llamastream.sessions.store import Session, SessionStore, new_session_id
 from llamastream.streaming import Callback, Run, Runner
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ class ChatRequest(BaseModel):
 
     user_input: StrictStr | None = Field(None, min_length=1)
     regenerate: StrictBool = False
+
+    def check_length(self, max_chars: int) -> None:
+        if self.user_input is not None and len(self.user_input) > max_chars:
+            raise InvalidRequestError(
+                f"user_input: at most {max_chars} characters", field="user_input"
+            )
 
 
 class PlainTextFraming:
@@ -93,9 +100,16 @@ class ChatStream:
         self.slots = SlotController(
             self.settings.num_of_concurrent_executions, self.settings.max_queue_size
         )
-        self.runner = Runner()
+        self.metrics = Metrics(self.slots)
+        self.runner = Runner(
+            max_queue_wait_s=self.settings.max_queue_wait_s,
+            max_generation_s=self.settings.max_generation_s,
+            metrics=self.metrics,
+        )
         self.pool: WorkerPool | None = None
-        self._busy_sessions: set[str] = set()
+        self.draining = False
+        self._held_locks: dict[str, tuple[SessionStore, str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -105,12 +119,30 @@ class ChatStream:
 
     async def start(self) -> None:
         """Load the model into every worker."""
+        self.draining = False
         pool = WorkerPool(self.settings)
         await pool.start()
         self.pool = pool
+        self._renewer = asyncio.create_task(self._renew_locks())
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking requests (503, health too) and let running streams finish.
+
+        Queued requests get 503 at once; streams still running after ``grace_s`` (default
+        ``shutdown_grace_s``) are stopped, their partial replies saved and callbacks fired.
+        """
+        self.draining = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("draining: %d request(s) in flight, %g s grace", len(self.runner.active), grace)
+        await self.runner.drain(grace, _shutting_down())
 
     async def stop(self) -> None:
+        if self.runner.active:
+            await self.drain(0)
         pool, self.pool = self.pool, None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
         if pool is not None:
             await pool.stop()
 
@@ -144,21 +176,18 @@ class ChatStream:
                 raise invalid_from_validation(exc) from None
             if not chat.regenerate and chat.user_input is None:
                 raise InvalidRequestError("user_input is required", field="user_input")
+            chat.check_length(self.settings.max_input_chars)
+            manager, session = self._session_of(request)
+            lock = await self._lock(manager)
         except LlamaStreamError as exc:
             return error_response(exc)
-
-        manager, session = self._session_of(request)
         try:
-            self._lock_session(session)
-        except SessionBusyError as exc:
-            return error_response(exc)
-        try:
-            run = await self._prepare_turn(request, manager, session, chat, pool, callback)
-        except LlamaStreamError as exc:
-            self._unlock_session(session)
-            return error_response(exc)
-        except BaseException:
-            self._unlock_session(session)
+            run = await self._prepare_turn(request, manager, session, chat, pool, callback, lock)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._unlock(manager, lock)
+            if isinstance(exc, LlamaStreamError):
+                return error_response(exc)
             raise
         return self.runner.response(pool, run)
 
@@ -166,7 +195,7 @@ class ChatStream:
         """Forget the conversation of the caller's session."""
         manager, session = self._session_of(request)
         try:
-            with self._session_locked(session):
+            async with self._session_locked(manager):
                 prompt = self._prompt_of(session)
                 prompt.clear()
                 await self._save(manager)
@@ -176,7 +205,11 @@ class ChatStream:
 
     async def handle_get_prompt_request(self, request: Request) -> Response:
         """The caller's conversation: the rendered prompt and its messages."""
-        _, session = self._session_of(request)
+        manager, session = self._session_of(request)
+        try:
+            await self._ensure_loaded(manager)
+        except LlamaStreamError as exc:
+            return error_response(exc)
         prompt = self._prompt_of(session)
         return JSONResponse(
             {
@@ -214,7 +247,7 @@ class ChatStream:
                     f"max_new_tokens: at most {self.settings.max_new_tokens}",
                     field="max_new_tokens",
                 )
-            with self._session_locked(session):
+            async with self._session_locked(manager):
                 stored = dict(session.get(PARAMS_KEY) or {})
                 stored.update(params.model_dump(exclude_unset=True))
                 session[PARAMS_KEY] = stored
@@ -224,7 +257,11 @@ class ChatStream:
         return JSONResponse(self._effective_params(session))
 
     async def handle_get_generation_params_request(self, request: Request) -> Response:
-        _, session = self._session_of(request)
+        manager, session = self._session_of(request)
+        try:
+            await self._ensure_loaded(manager)
+        except LlamaStreamError as exc:
+            return error_response(exc)
         return JSONResponse(self._effective_params(session))
 
     # a turn
@@ -237,7 +274,11 @@ class ChatStream:
         chat: ChatRequest,
         pool: WorkerPool,
         callback: Callback | None,
+        lock: str | None,
     ) -> Run:
+        # Written before anything is generated: a store that cannot keep the reply refuses
+        # the turn (503) instead of losing it; the write also refreshes the session's TTL.
+        await self._save(manager)
         prompt = self._prompt_of(session)
         before = list(prompt.messages)
         if chat.regenerate:
@@ -276,7 +317,7 @@ class ChatStream:
                 if prompt.messages != before:
                     await self._save(manager)
             finally:
-                self._unlock_session(session)
+                await self._unlock(manager, lock)
 
         return Run(request, tokens, params, ticket, PlainTextFraming(), callback, on_settle=settle)
 
@@ -307,21 +348,58 @@ class ChatStream:
         # Without SessionMiddleware every request is a conversation of its own.
         return None, Session(new_session_id())
 
-    def _lock_session(self, session: Session) -> None:
-        if session.id in self._busy_sessions:
-            raise SessionBusyError("another request of this session is still running")
-        self._busy_sessions.add(session.id)
+    async def _lock(self, manager: SessionManager | None) -> str | None:
+        """Take the session's turn lock (409 when held) and read its latest record.
 
-    def _unlock_session(self, session: Session) -> None:
-        self._busy_sessions.discard(session.id)
+        Reading again under the lock means a turn always extends the latest history, even
+        when the previous turn ran on another replica after this request's session was loaded.
+        """
+        if manager is None:
+            return None
+        token = await manager.store.lock(manager.session_id)
+        self._held_locks[manager.session_id] = (manager.store, token)
+        try:
+            await manager.reload()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._unlock(manager, token)
+            raise
+        return token
 
-    @contextmanager
-    def _session_locked(self, session: Session) -> Iterator[None]:
-        self._lock_session(session)
+    async def _unlock(self, manager: SessionManager | None, token: str | None) -> None:
+        if manager is None or token is None:
+            return
+        self._held_locks.pop(manager.session_id, None)
+        try:
+            await manager.store.unlock(manager.session_id, token)
+        except LlamaStreamError:
+            logger.warning("session %s: the lock expires by itself", manager.session_id[:8])
+
+    @asynccontextmanager
+    async def _session_locked(self, manager: SessionManager | None) -> AsyncIterator[None]:
+        token = await self._lock(manager)
         try:
             yield
         finally:
-            self._unlock_session(session)
+            with anyio.CancelScope(shield=True):
+                await self._unlock(manager, token)
+
+    async def _ensure_loaded(self, manager: SessionManager | None) -> None:
+        """Read the session again if the store failed when the request came in."""
+        if manager is not None and not manager.loaded:
+            await manager.reload()
+
+    async def _renew_locks(self) -> None:
+        """Keep the turn locks of running turns from expiring."""
+        while True:
+            ttls = [store.lock_ttl_s for store, _ in self._held_locks.values()]
+            await asyncio.sleep(min(ttls, default=15.0) / 3)
+            for session_id, (store, token) in list(self._held_locks.items()):
+                try:
+                    if not await store.renew(session_id, token):
+                        logger.warning("session %s: its turn lock was lost", session_id[:8])
+                except LlamaStreamError:
+                    logger.warning("session %s: could not renew its turn lock", session_id[:8])
 
     def _prompt_of(self, session: Session) -> ChatPrompt:
         prompt = session.get(PROMPT_KEY)
@@ -334,7 +412,7 @@ class ChatStream:
 
     async def _save(self, manager: SessionManager | None) -> None:
         if manager is not None:
-            await anyio.to_thread.run_sync(manager.save_session)
+            await manager.save_session()
 
     def default_params(self) -> SamplingParams:
         """The server's default sampling parameters, from Settings."""
@@ -364,9 +442,15 @@ class ChatStream:
 
     def require_pool(self) -> WorkerPool:
         """The loaded pool, or `NotReadyError` (503) while loading or shutting down."""
+        if self.draining:
+            raise _shutting_down()
         if self.pool is None:
-            raise NotReadyError("the model is not loaded")
+            raise NotReadyError("the model is not loaded", retry_after=5)
         return self.pool
+
+
+def _shutting_down() -> NotReadyError:
+    return NotReadyError("the server is shutting down", retry_after=5)
 
 
 async def read_json_body(request: Request, given: RequestBody, max_bytes: int) -> dict[str, Any]:
@@ -381,7 +465,14 @@ async def read_json_body(request: Request, given: RequestBody, max_bytes: int) -
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
-        given = await request.body()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
+            chunks.append(chunk)
+        given = b"".join(chunks)
     raw = given.encode() if isinstance(given, str) else given
     if len(raw) > max_bytes:
         raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")

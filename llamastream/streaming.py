@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,10 +21,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from llamastream.api.middleware import route_of
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import Ticket
 from llamastream.engine.worker import Event, Finished, Job, TextChunk
-from llamastream.errors import GenerationError, LlamaStreamError
+from llamastream.errors import GenerationError, LlamaStreamError, QueueTimeoutError
+from llamastream.metrics import Metrics
 
 if TYPE_CHECKING:
     from llamastream.engine.pool import WorkerPool
@@ -153,6 +157,11 @@ class Run:
     outcome: CallbackMessage | None = None
     error_sent: bool = False
     bridge: EventBridge[Event] = field(default_factory=EventBridge)
+    accepted_at: float = field(default_factory=time.monotonic)
+    first_text_at: float | None = None
+    time_limited: bool = False
+    stop_error: LlamaStreamError | None = None  # why the server ended the run (shutdown)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def reply(self) -> str:
@@ -165,14 +174,34 @@ class Run:
     def take(self, event: Event) -> None:
         if isinstance(event, TextChunk):
             self.text.append(event.text)
+            if self.first_text_at is None:
+                self.first_text_at = time.monotonic()
         elif isinstance(event, Finished):
+            if event.reason == "cancelled" and self.time_limited:
+                event = Finished("length", event.prompt_tokens, event.completion_tokens)
             self.finished = event
         else:
             self.error = event.error
 
 
 class Runner:
-    """Runs accepted requests through the workers, whatever their framing."""
+    """Runs accepted requests through the workers, whatever their framing.
+
+    Enforces the queue-wait and generation-time limits, keeps the runs in flight (for
+    `drain`), and records their metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue_wait_s: float = math.inf,
+        max_generation_s: float = math.inf,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.max_queue_wait_s = max_queue_wait_s
+        self.max_generation_s = max_generation_s
+        self.metrics = metrics
+        self.active: dict[str, Run] = {}
 
     def response(self, pool: WorkerPool, run: Run) -> WatchedStreamResponse:
         """The response that runs ``run`` when the server calls it."""
@@ -180,17 +209,52 @@ class Runner:
             lambda send: self._produce(pool, run, send), lambda r: self._close(run, r)
         )
 
+    def stop(self, run: Run, error: LlamaStreamError) -> None:
+        """End ``run`` early on the server's behalf: it fails with ``error``, its reply kept."""
+        if run.stop_error is None:
+            run.stop_error = error
+        run.stopped.set()
+        if run.job is not None:
+            run.job.cancel.set()
+
+    async def drain(self, grace_s: float, error: LlamaStreamError) -> None:
+        """Fail the queued runs now, give the running ones ``grace_s`` to finish, stop the rest.
+
+        Returns once every run has settled and called back.
+        """
+        for run in list(self.active.values()):
+            if not run.ticket.granted:
+                self.stop(run, error)
+        deadline = time.monotonic() + grace_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in list(self.active.values()):
+            logger.warning("generation %s: stopped by shutdown", run.id[:8])
+            self.stop(run, error)
+        while self.active:
+            await asyncio.sleep(0.02)
+
     async def _produce(self, pool: WorkerPool, run: Run, send: Send) -> None:
         """Wait for a slot, run the job, and send its text as it comes.
 
         The run is settled (slot freed, ``on_settle`` done) before the last body message, so
         a client that has read the whole reply finds its effects in place.
         """
-        slot = await run.ticket.wait()
-        run.job = Job(run.tokens, run.params, run.bridge.put)
-        pool.submit(slot, run.job)
+        self.active[run.id] = run
+        timer: asyncio.TimerHandle | None = None
         framing = run.framing
         try:
+            slot = await self._wait_for_slot(run)
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
+            run.job = Job(run.tokens, run.params, run.bridge.put)
+            if run.stop_error is not None:
+                run.job.cancel.set()
+            pool.submit(slot, run.job)
+            if math.isfinite(self.max_generation_s):
+                timer = asyncio.get_running_loop().call_later(
+                    self.max_generation_s, self._time_up, run
+                )
             while not run.done:
                 # Text that piled up while the last piece was being sent goes out as one piece.
                 events = await run.bridge.get_all()
@@ -202,6 +266,8 @@ class Runner:
                         await send(_start(framing.head(run)))
                     await send(_body(framing.piece(run, text), more=True))
                     run.started = True
+            if run.error is None and run.stop_error is not None:
+                run.error = run.stop_error
             if run.error is None:
                 await self._settle(run, "success")
                 if run.outcome != "success":
@@ -212,13 +278,55 @@ class Runner:
             if not run.started:
                 await send(_start(framing.head(run)))
             await send(_body(framing.tail(run), more=False))
+        except LlamaStreamError as exc:  # refused while queued: nothing was sent yet
+            run.error = exc
+            await self._send_error(run, send)
         except Exception as exc:  # a fault of ours mid-run: this request ends, the server goes on
             logger.exception("generation %s failed", run.id[:8])
             run.error = exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _wait_for_slot(self, run: Run) -> int:
+        """The run's slot; `QueueTimeoutError` past the wait limit, or the stop error."""
+        if run.ticket.slot is not None:
+            return run.ticket.slot
+        granted: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def watch_stop() -> None:
+                await run.stopped.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_stop)
+            with anyio.move_on_after(self.max_queue_wait_s):
+                granted.append(await run.ticket.wait())  # a cancelled wait leaves the queue
+            tg.cancel_scope.cancel()
+        if granted:
+            return granted[0]
+        if run.stop_error is not None:
+            raise run.stop_error
+        retry_after = run.ticket.controller.retry_after()
+        raise QueueTimeoutError(
+            f"no generation slot became free within {self.max_queue_wait_s:g} s",
+            retry_after=retry_after,
+        )
+
+    def _time_up(self, run: Run) -> None:
+        logger.warning(
+            "generation %s: stopped at the %g s time limit", run.id[:8], self.max_generation_s
+        )
+        run.time_limited = True
+        if run.job is not None:
+            run.job.cancel.set()
 
     async def _send_error(self, run: Run, send: Send) -> None:
         if not run.started:
-            response = run.framing.error_response(GenerationError("generation failed"))
+            exc = run.error
+            if not isinstance(exc, LlamaStreamError):
+                exc = GenerationError("generation failed")
+            response = run.framing.error_response(exc)
             await response({"type": "http"}, _disconnected, send)
             run.error_sent = True
             return
@@ -267,9 +375,25 @@ class Runner:
             len(run.tokens),
             run.finished.completion_tokens if run.finished else 0,
         )
+        self._record(run)
         await fire_callback(run.callback, run.request, run.outcome)
+        self.active.pop(run.id, None)
         if run.error is not None and not run.error_sent:
             raise GenerationError("generation failed mid-stream") from run.error
+
+    def _record(self, run: Run) -> None:
+        if self.metrics is None:
+            return
+        m = self.metrics
+        m.generations.labels(route_of(run.request.scope), run.outcome).inc()
+        m.prompt_tokens.inc(len(run.tokens))
+        if run.first_text_at is not None:
+            m.ttft.observe(run.first_text_at - run.accepted_at)
+        if run.finished is not None:
+            m.generated_tokens.inc(run.finished.completion_tokens)
+            decoding = time.monotonic() - (run.first_text_at or run.accepted_at)
+            if run.finished.completion_tokens > 1 and decoding > 0:
+                m.tokens_per_second.observe(run.finished.completion_tokens / decoding)
 
 
 async def fire_callback(

@@ -7,16 +7,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 from llamastream import __version__
 from llamastream.api import native, openai, ops
+from llamastream.api.errors import error_response, openai_error_response
+from llamastream.api.middleware import RequestContextMiddleware
 from llamastream.chatstream import ChatStream
 from llamastream.config import Settings
+from llamastream.errors import LlamaStreamError
 from llamastream.sessions.middleware import SessionMiddleware
-from llamastream.sessions.store import DiskSessionStore
+from llamastream.sessions.store import open_store
 from llamastream.streaming import Callback
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -25,13 +29,13 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 def create_app(
     settings: Settings | None = None, *, callback: Callback | None = None, **overrides: Any
 ) -> FastAPI:
-    """The llamastream server app: native chat endpoints, sessions and health.
+    """The llamastream server app: native and OpenAI endpoints, sessions, health and metrics.
 
     ``callback(request, message)`` is called once after every accepted chat request.
     """
     chat_stream = ChatStream(settings, **overrides)
     settings = chat_stream.settings
-    store = DiskSessionStore(settings.session_dir, ttl_s=settings.session_ttl_s)
+    store = open_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +43,7 @@ def create_app(
             async with chat_stream.lifespan(app):
                 yield
         finally:
-            store.close()
+            await store.close()
 
     app = FastAPI(title="llamastream", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -52,6 +56,14 @@ def create_app(
         cookie_name=settings.session_cookie,
         secure=settings.cookie_secure,
     )
+    app.add_middleware(RequestContextMiddleware, metrics=chat_stream.metrics)
+
+    @app.exception_handler(LlamaStreamError)
+    async def domain_error(request: Request, exc: LlamaStreamError) -> Response:
+        if request.url.path.startswith("/v1/"):
+            return openai_error_response(exc)
+        return error_response(exc)
+
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)

@@ -7,7 +7,6 @@ format differs (OpenAI's JSON objects, SSE for ``stream: true``, its error envel
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from typing import Any, Literal
 
@@ -17,11 +16,11 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse, Response
 
+from llamastream.api.access import check_access
 from llamastream.api.errors import invalid_from_validation, openai_error_response
 from llamastream.chatstream import ChatStream, read_json_body
 from llamastream.engine.pool import WorkerPool
 from llamastream.errors import (
-    AuthenticationError,
     ContextLengthError,
     InvalidRequestError,
     LlamaStreamError,
@@ -203,23 +202,12 @@ def model_id(chat_stream: ChatStream, pool: WorkerPool) -> str:
     return chat_stream.settings.model_alias or pool.model_path.stem
 
 
-def _check_key(request: Request, chat_stream: ChatStream) -> None:
-    keys = chat_stream.settings.api_keys
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        secrets.compare_digest(given.strip().encode(), key.encode()) for key in keys
-    ):
-        raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)")
-
-
 @router.get("/models")
 async def list_models(request: Request) -> Response:
     """The model this server runs."""
     chat_stream: ChatStream = request.app.state.chat_stream
     try:
-        _check_key(request, chat_stream)
+        check_access(chat_stream.settings, request, "v1")
         pool = chat_stream.require_pool()
     except LlamaStreamError as exc:
         return openai_error_response(exc)
@@ -255,7 +243,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
     chat_stream: ChatStream = request.app.state.chat_stream
     settings = chat_stream.settings
     try:
-        _check_key(request, chat_stream)
+        check_access(chat_stream.settings, request, "v1")
         pool = chat_stream.require_pool()
         body = await read_json_body(request, None, settings.max_body_bytes)
         model = ChatCompletionRequest if kind == "chat" else CompletionRequest
@@ -263,6 +251,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
             req = model.model_validate(body)
         except ValidationError as exc:
             raise invalid_from_validation(exc) from None
+        _check_lengths(req, settings.max_input_chars)
         served = model_id(chat_stream, pool)
         if req.model != served:
             raise ModelNotFoundError(
@@ -279,6 +268,16 @@ async def _complete(request: Request, kind: Kind) -> Response:
     framing = OpenAIFraming(kind, served, stream=req.stream, include_usage=include_usage)
     run = Run(request, tokens, params, ticket, framing, request.app.state.chat_callback)
     return chat_stream.runner.response(pool, run)
+
+
+def _check_lengths(req: ChatCompletionRequest | CompletionRequest, max_chars: int) -> None:
+    if isinstance(req, CompletionRequest):
+        texts = [("prompt", req.prompt if isinstance(req.prompt, str) else req.prompt[0])]
+    else:
+        texts = [(f"messages.{i}.content", m.text()) for i, m in enumerate(req.messages)]
+    for field, text in texts:
+        if len(text) > max_chars:
+            raise InvalidRequestError(f"{field}: at most {max_chars} characters", field=field)
 
 
 def _prompt_text(

@@ -32,7 +32,7 @@ class Ticket:
     """
 
     def __init__(self, controller: SlotController) -> None:
-        self._controller = controller
+        self.controller = controller
         self._future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.enqueued_at = time.monotonic()
         self.slot: int | None = None
@@ -59,7 +59,7 @@ class Ticket:
             return
         self._released = True
         self._future.cancel()
-        self._controller._leave(self)
+        self.controller._leave(self)
 
 
 class SlotController:

@@ -116,9 +116,12 @@ class DiskSessionStore:
         self.ttl_s = ttl_s
         self.lock_ttl_s = lock_ttl_s
         self.max_count = max_count
+        self.max_bytes = max_bytes
         # Records in one cache, locks in another, so that the oldest record is the first row.
+        # diskcache's own culling is off: it removes ten rows at a time, the one just written
+        # among them; `_save` evicts oldest-first and never the record it wrote.
         self._cache = diskcache.Cache(
-            str(self.directory), size_limit=max_bytes, eviction_policy="least-recently-stored"
+            str(self.directory), size_limit=max_bytes, cull_limit=0, eviction_policy="none"
         )
         self._locks = diskcache.Cache(str(self.directory / "locks"))
 
@@ -170,9 +173,13 @@ class DiskSessionStore:
             # the least recently saved session.
             self._cache.delete(key)
             self._cache.set(key, text, expire=self.ttl_s)
-        while len(self._cache) > self.max_count:
+        while len(self._cache) > self.max_count or (
+            len(self._cache) > 1 and self._cache.volume() > self.max_bytes
+        ):
             oldest, _ = self._cache.peekitem(last=False)
-            logger.info("session cap (%d) reached: evicting the oldest", self.max_count)
+            if oldest == key:
+                break
+            logger.info("session store cap reached: evicting the least recently saved")
             self._cache.delete(oldest)
 
     def _renew(self, session_id: str, token: str) -> bool:

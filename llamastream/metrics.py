@@ -1,0 +1,73 @@
+"""Prometheus metrics of one server, in a registry of its own (no global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llamastream.engine.slots import SlotController
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    """What `/metrics` reports: requests, queue and slots, waits, TTFT and tokens.
+
+    >>> from llamastream.engine.slots import SlotController
+    >>> metrics = Metrics(SlotController(2, 4))
+    >>> b"llamastream_busy_slots 0.0" in metrics.render()
+    True
+    """
+
+    def __init__(self, slots: SlotController) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "llamastream_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.generations = Counter(
+            "llamastream_generations",
+            "Accepted generation requests by route and outcome (the callback's message).",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "llamastream_queue_depth", "Requests waiting for a slot.", registry=registry
+        )
+        self.queue_depth.set_function(lambda: slots.load().waiting)
+        self.busy_slots = Gauge(
+            "llamastream_busy_slots", "Slots generating or reserved.", registry=registry
+        )
+        self.busy_slots.set_function(lambda: slots.load().processing)
+        self.slots = Gauge("llamastream_slots", "Generation slots.", registry=registry)
+        self.slots.set(slots.n_slots)
+        self.queue_wait = Histogram(
+            "llamastream_queue_wait_seconds",
+            "Time from acceptance to a slot.",
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "llamastream_time_to_first_token_seconds",
+            "Time from acceptance to the first generated text.",
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "llamastream_prompt_tokens", "Prompt tokens of accepted requests.", registry=registry
+        )
+        self.generated_tokens = Counter(
+            "llamastream_generated_tokens", "Tokens generated.", registry=registry
+        )
+        self.tokens_per_second = Histogram(
+            "llamastream_generation_tokens_per_second",
+            "Decoding speed of each reply, from its first to its last token.",
+            buckets=_RATES,
+            registry=registry,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
