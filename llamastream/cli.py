@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import socket
 import sys
 import typing
+from types import FrameType
 
 from pydantic import ValidationError
 
@@ -73,6 +76,39 @@ def serve(settings: Settings) -> None:
     from llamastream.api.app import create_app
     from llamastream.download import fetch
 
+    class Server(uvicorn.Server):
+        """uvicorn, draining the ChatStream on the first SIGTERM/SIGINT before it stops.
+
+        While draining, the server still answers: health says 503 so balancers stop sending,
+        new requests get 503 + Retry-After, running streams get `shutdown_grace_s` to finish.
+        A second signal exits at once.
+        """
+
+        _loop: asyncio.AbstractEventLoop | None = None
+        _draining = False
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self._draining or self._loop is None or not self.started:
+                super().handle_exit(sig, frame)
+                return
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+        def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+            logger.info("signal %d: draining (grace %g s)", sig, settings.shutdown_grace_s)
+
+            async def drain_then_exit() -> None:
+                try:
+                    await app.state.chat_stream.drain()
+                finally:
+                    super(Server, self).handle_exit(sig, frame)
+
+            self._drain_task = asyncio.ensure_future(drain_then_exit())
+
     if settings.model_path is None:
         logger.info(
             "no model configured: fetching the default model %r into %s/ (first run only)",
@@ -82,14 +118,17 @@ def serve(settings: Settings) -> None:
         path = fetch(settings.default_model, settings.models_dir)
         settings = settings.model_copy(update={"model_path": path})
     logger.info("serving %s on http://%s:%d", settings.model_path, settings.host, settings.port)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,
-        timeout_graceful_shutdown=10,
+        access_log=False,  # llamastream.access logs every request, with its request id
+        timeout_graceful_shutdown=5,
     )
+    Server(config).run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,8 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", None) or "info"
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
+    from llamastream.api.middleware import RequestIdFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     try:
         serve(settings_from_args(args))
     except ValidationError as exc:

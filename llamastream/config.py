@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Redis server of the `redis` session backend."
     )
     session_lock_ttl_s: float = Field(
-        30.0,
+        10.0,
         ge=1,
         description="Expiry of a session's turn lock, renewed while the turn runs: how long a "
         "session stays locked after its server died mid-turn.",

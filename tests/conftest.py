@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -74,6 +75,10 @@ class LiveServer:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
 
+    def server_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on (for calling into the app from a test)."""
+        return self.server.servers[0].get_loop()  # type: ignore[no-any-return]
+
 
 @pytest.fixture
 def live_server() -> Iterator[type[LiveServer]]:
@@ -90,10 +95,10 @@ def eventually(predicate: Any, timeout: float = 10.0) -> None:
 
 
 def wait_idle(client: httpx.Client, timeout: float = 5.0) -> dict[str, int]:
-    """Poll /get_load until no slot is busy and nothing waits; return the last figures."""
+    """Poll /health until no slot is busy and nothing waits; return the last figures."""
     deadline = time.monotonic() + timeout
     while True:
-        load = client.get("/get_load").json()
+        load = client.get("/health").json()
         if load["processing"] == 0 and load["waiting"] == 0:
             return load
         if time.monotonic() > deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,10 +23,24 @@ def error_response(exc: LlamaStreamError) -> JSONResponse:
 
 
 def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
-    """The first problem pydantic found, naming its field."""
+    """The first problem pydantic found, naming its field (``messages.0.content``)."""
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "body"
+    field = ".".join(str(p) for p in _field_path(first["loc"])) or "body"
     return InvalidRequestError(f"{field}: {first['msg']}", field=field)
+
+
+# pydantic adds the member tried to the location of an error in a union: `prompt.str`,
+# `content.list[TextPart]`, `value.function-after[...]`; the client's field ends before it.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|[A-Za-z_-]+\[.*\]|[A-Z]\w*)$")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
+    path: list[int | str] = []
+    for part in loc:
+        if isinstance(part, str) and _UNION_MEMBER.match(part) and path:
+            break
+        path.append(part)
+    return path
 
 
 OPENAI_ERROR_TYPES = {

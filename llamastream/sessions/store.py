@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -110,7 +111,7 @@ class DiskSessionStore:
         ttl_s: float = 7 * 24 * 3600.0,
         max_count: int = 100_000,
         max_bytes: int = 1 << 30,
-        lock_ttl_s: float = 30.0,
+        lock_ttl_s: float = 10.0,
     ) -> None:
         self.directory = Path(directory)
         self.ttl_s = ttl_s
@@ -135,9 +136,10 @@ class DiskSessionStore:
         await _blocking(self._cache.delete, _key(session_id))
 
     async def lock(self, session_id: str) -> str:
-        token = secrets.token_hex(16)
-        taken = await _blocking(self._locks.add, _key(session_id), token, self.lock_ttl_s)
-        if not taken:
+        # The holder's pid in the token: a lock left by a process that died (kill -9) on this
+        # machine is taken over at once instead of blocking the session until it expires.
+        token = f"{os.getpid()}:{secrets.token_hex(16)}"
+        if not await _blocking(self._lock, session_id, token):
             raise SessionBusyError("another request of this session is still running")
         return token
 
@@ -182,6 +184,17 @@ class DiskSessionStore:
             logger.info("session store cap reached: evicting the least recently saved")
             self._cache.delete(oldest)
 
+    def _lock(self, session_id: str, token: str) -> bool:
+        key = _key(session_id)
+        with self._locks.transact():
+            if self._locks.add(key, token, self.lock_ttl_s):
+                return True
+            holder = str(self._locks.get(key, ""))
+            if _alive(holder.partition(":")[0]):
+                return False
+            logger.warning("session %s: taking over the lock of a dead process", session_id[:8])
+            return bool(self._locks.set(key, token, self.lock_ttl_s))
+
     def _renew(self, session_id: str, token: str) -> bool:
         with self._locks.transact():
             if self._locks.get(_key(session_id)) != token:
@@ -201,6 +214,19 @@ async def _blocking(func: Callable[..., T], *args: Any) -> T:
     except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
         logger.error("the session store failed: %s", exc)
         raise SessionStoreError(f"the session store is unavailable: {exc}") from exc
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether the process of that pid lives (unknown pids count as alive: no takeover)."""
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _key(session_id: str) -> str:

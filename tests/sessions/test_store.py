@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,7 +120,19 @@ async def test_a_full_disk_raises_a_clear_error(
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(store._cache, "set", full)
-    with pytest.raises(SessionStoreError, match="session store is unavailable.*disk is full"):
+    with pytest.raises(SessionStoreError, match=r"session store is unavailable.*disk is full"):
         await store.save(Session(session.id, {"k": 2}))
     assert await store.load(session.id) == {"k": 1}  # the failed write changed nothing
+    await store.close()
+
+
+async def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    store = DiskSessionStore(tmp_path, lock_ttl_s=60)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store._locks.set("session:s1", f"{dead.pid}:left-by-kill-9", expire=60)
+    store._locks.set("session:s2", f"{os.getpid()}:held-by-a-live-process", expire=60)
+    await store.lock("s1")
+    with pytest.raises(SessionBusyError):
+        await store.lock("s2")
     await store.close()

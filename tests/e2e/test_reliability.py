@@ -1,0 +1,366 @@
+"""Operations, access control, limits and faults, end to end on a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llamastream.api.middleware import RequestIdFilter
+from tests.conftest import eventually, wait_idle
+from tests.e2e.test_chat import chat, paused, prompt_of, server
+
+
+def chat_once(live: Any, **body: Any) -> httpx.Response:
+    with live.client() as client:
+        return chat(client, **body)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_metrics_count_requests_waits_and_tokens(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs) as (live, _), live.client() as client:
+        reply = chat(client, user_input="hello")
+        assert reply.status_code == 200
+        assert chat(client, user_input="").status_code == 400
+        live.recorder.wait_for(1)
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.text
+        gen = {"route": "/chat_stream", "outcome": "success"}
+        assert metric(text, "llamastream_generations_total", **gen) == 1
+        ok = {"route": "/chat_stream", "method": "POST", "status": "200"}
+        assert metric(text, "llamastream_http_requests_total", **ok) == 1
+        bad = {"route": "/chat_stream", "method": "POST", "status": "400"}
+        assert metric(text, "llamastream_http_requests_total", **bad) == 1
+        assert metric(text, "llamastream_generated_tokens_total") >= 1
+        assert metric(text, "llamastream_prompt_tokens_total") >= 1
+        assert metric(text, "llamastream_queue_wait_seconds_count") == 1
+        assert metric(text, "llamastream_time_to_first_token_seconds_count") == 1
+        assert metric(text, "llamastream_slots") == 2
+        assert metric(text, "llamastream_busy_slots") == 0
+        assert metric(text, "llamastream_queue_depth") == 0
+        # Unknown paths share one label value: no label per probed URL.
+        client.get("/no/such/path/12345")
+        text = client.get("/metrics").text
+        assert metric(text, "llamastream_http_requests_total", route="unmatched") == 1
+        assert "/no/such/path" not in text
+
+
+def test_busy_slots_and_queue_depth_are_live(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
+        threads = [
+            threading.Thread(target=chat_once, args=(live,), kwargs={"user_input": text})
+            for text in ("x", "y")
+        ]
+        with live.client() as client, paused(app.state.chat_stream.pool.workers[0]):
+            for thread in threads:
+                thread.start()
+            eventually(lambda: client.get("/get_load").json()["waiting"] == 1)
+            text = client.get("/metrics").text
+            assert metric(text, "llamastream_busy_slots") == 1
+            assert metric(text, "llamastream_queue_depth") == 1
+        for thread in threads:
+            thread.join(10)
+
+
+def test_request_ids(settings_kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    with server(settings_kwargs) as (live, _), live.client() as client:
+        caplog.set_level("INFO", logger="llamastream.access")
+        caplog.handler.addFilter(RequestIdFilter())
+        minted = client.get("/health").headers["x-request-id"]
+        assert len(minted) == 32
+        assert client.get("/health").headers["x-request-id"] != minted
+        given = client.get("/health", headers={"X-Request-Id": "lb-1234.abc"})
+        assert given.headers["x-request-id"] == "lb-1234.abc"
+        hostile = client.get("/health", headers={"X-Request-Id": b"a b;" + b"\xe9" * 100})
+        assert hostile.headers["x-request-id"] != "a b"
+        assert len(hostile.headers["x-request-id"]) == 32
+        eventually(
+            lambda: any("lb-1234.abc" in getattr(r, "request_id", "") for r in caplog.records)
+        )
+        streamed = client.post("/chat_stream", json={"user_input": "hi"})
+        assert len(streamed.headers["x-request-id"]) == 32
+
+
+@pytest.fixture
+def roles(settings_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **settings_kwargs,
+        "api_keys": ["user-key"],
+        "admin_keys": ["admin-key"],
+        "endpoint_roles": {"get_prompt": "admin", "get_load": "admin", "metrics": "admin"},
+    }
+
+
+def test_roles_per_endpoint(roles: dict[str, Any]) -> None:
+    user = {"Authorization": "Bearer user-key"}
+    admin = {"Authorization": "Bearer admin-key"}
+    with server(roles) as (live, _), live.client() as client:
+        # Users chat, regenerate, clear and set their parameters without a key (public).
+        assert chat(client, user_input="hi").status_code == 200
+        assert chat(client, regenerate=True).status_code == 200
+        assert client.post("/set_generation_params", json={"top_k": 5}).status_code == 200
+        assert client.get("/get_generation_params").json()["top_k"] == 5
+        assert client.post("/clear_context").status_code == 200
+        for path in ("/get_prompt", "/get_load", "/metrics"):
+            anonymous = client.get(path)
+            assert anonymous.status_code == 401, path
+            assert anonymous.json()["error"] == "invalid_api_key"
+            wrong = client.get(path, headers={"Authorization": "Bearer guess"})
+            assert wrong.status_code == 401, path
+            forbidden = client.get(path, headers=user)
+            assert forbidden.status_code == 403, path
+            assert forbidden.json()["error"] == "forbidden"
+            assert client.get(path, headers=admin).status_code == 200, path
+        # The /v1 API takes user keys, and admin keys too.
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert client.post("/v1/chat/completions", json=body, headers=user).status_code == 200
+        assert client.post("/v1/chat/completions", json=body, headers=admin).status_code == 200
+        assert client.get("/health").status_code == 200  # always public
+        assert live.recorder.wait_for(4) == ["success"] * 4
+
+
+def test_an_admin_role_without_admin_keys_is_refused_at_start(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    from llamastream import Settings
+
+    with pytest.raises(ValueError, match="admin_keys is empty"):
+        Settings(**settings_kwargs, endpoint_roles={"metrics": "admin"})
+    with pytest.raises(ValueError, match="unknown endpoint 'metrix'"):
+        Settings(**settings_kwargs, endpoint_roles={"metrix": "public"})
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    for start in range(0, len(data), 4096):
+        yield data[start : start + 4096]
+
+
+BAD_REQUESTS = [
+    # (method, path, body bytes, expected status, expected field)
+    ("POST", "/chat_stream", b"not json", 400, "body"),
+    ("POST", "/chat_stream", b"\xff\xfe{", 400, "body"),
+    ("POST", "/chat_stream", b'"a string"', 400, "body"),
+    ("POST", "/chat_stream", b'{"user_input": ["a"]}', 400, "user_input"),
+    ("POST", "/chat_stream", b'{"user_input": null}', 400, "user_input"),
+    ("POST", "/chat_stream", b'{"user_input": "' + b"x" * 2001 + b'"}', 400, "user_input"),
+    ("POST", "/chat_stream", b'{"user_input": "a", "regenerate": 1}', 400, "regenerate"),
+    ("POST", "/set_generation_params", b'{"temperature": -1}', 400, "temperature"),
+    ("POST", "/set_generation_params", b'{"max_new_tokens": 1e300}', 400, "max_new_tokens"),
+    (
+        "POST",
+        "/set_generation_params",
+        b'{"max_new_tokens": 99999999999999999999}',
+        400,
+        "max_new_tokens",
+    ),
+    ("POST", "/set_generation_params", b'{"max_new_tokens": 33}', 400, "max_new_tokens"),
+    ("POST", "/set_generation_params", b'{"seed": -5}', 400, "seed"),
+    ("POST", "/set_generation_params", b'{"temprature": 0.5}', 400, "temprature"),
+    ("POST", "/set_generation_params", b'{"top_p": "high"}', 400, "top_p"),
+    ("POST", "/set_generation_params", b"[]", 400, "body"),
+    ("POST", "/v1/chat/completions", b'{"model": "tiny"}', 400, "messages"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "robot"}]}',
+        400,
+        "messages.0.role",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"x" * 2001 + b'"}]}',
+        400,
+        "messages.0.content",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1000}',
+        400,
+        "max_tokens",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": -3}',
+        400,
+        "max_tokens",
+    ),
+    ("POST", "/v1/completions", b'{"model": "tiny", "prompt": 12}', 400, "prompt"),
+    (
+        "POST",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "a", "temperature": 1e999}',
+        400,
+        "temperature",
+    ),
+]
+
+
+def test_malformed_requests_get_4xx_naming_the_field_and_change_nothing(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    with server(settings_kwargs, max_input_chars=2000, max_body_bytes=8192) as (live, _):
+        with live.client() as client:
+            assert chat(client, user_input="before").status_code == 200
+            client.post("/set_generation_params", json={"top_k": 7})
+            before = prompt_of(client), client.get("/get_generation_params").json()
+            for method, path, body, status, field in BAD_REQUESTS:
+                response = client.request(
+                    method, path, content=body, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == status, (path, body[:60], response.text)
+                payload = response.json()
+                named = payload["field"] if "field" in payload else payload["error"]["param"]
+                assert named == field, (path, body[:60], payload)
+            # A body past the limit, with or without Content-Length (chunked).
+            big = json.dumps({"user_input": "y" * 20_000}).encode()
+            for content in (big, _chunks(big)):
+                response = client.post(
+                    "/chat_stream", content=content, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == 413
+                assert response.json()["field"] == "body"
+            after = prompt_of(client), client.get("/get_generation_params").json()
+            assert after == before
+            wait_idle(client)
+            assert chat(client, user_input="after").status_code == 200
+            assert live.recorder.wait_for(2) == ["success", "success"]  # none for the refused
+
+
+def test_a_request_waiting_too_long_gets_503(settings_kwargs: dict[str, Any]) -> None:
+    limits = {"num_of_concurrent_executions": 1, "max_queue_wait_s": 0.5}
+    with server(settings_kwargs, **limits) as (live, app), live.client() as client:
+        results: list[httpx.Response] = []
+        holder = threading.Thread(target=lambda: results.append(chat_once(live, user_input="a")))
+        with paused(app.state.chat_stream.pool.workers[0]):
+            holder.start()
+            eventually(lambda: client.get("/get_load").json()["processing"] == 1)
+            with live.client() as waiter:
+                started = time.monotonic()
+                late = chat(waiter, user_input="b")
+                waited = time.monotonic() - started
+                assert late.status_code == 503
+                assert late.json()["error"] == "queue_timeout"
+                assert int(late.headers["retry-after"]) >= 1
+                assert 0.4 < waited < 5
+                assert prompt_of(waiter)["messages"] == []  # the turn was not kept
+            assert client.get("/get_load").json()["waiting"] == 0
+        holder.join(10)
+        assert results[0].status_code == 200
+        assert sorted(live.recorder.wait_for(2)) == ["success", "unknown_error_occurred"]
+
+
+def test_generation_stops_at_the_time_limit(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs, max_generation_s=0.3) as (live, app), live.client() as client:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "stream": False}
+        results: list[httpx.Response] = []
+        asker = threading.Thread(
+            target=lambda: results.append(client.post("/v1/chat/completions", json=body))
+        )
+        with paused(app.state.chat_stream.pool.workers[0]):
+            asker.start()
+            time.sleep(0.6)
+        asker.join(10)
+        answer = results[0].json()
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 0
+        assert live.recorder.wait_for(1) == ["success"]
+        # Without the pause the same request finishes well within the limit.
+        assert client.post("/v1/chat/completions", json=body).json()["choices"][0][
+            "finish_reason"
+        ] in ("stop", "length")
+
+
+def test_an_unwritable_session_store_refuses_chat(
+    settings_kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with server(settings_kwargs) as (live, app), live.client() as client:
+        assert chat(client, user_input="kept").status_code == 200
+        before = prompt_of(client)
+        cache = app.state.session_store._cache
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(cache, "set", full)
+        refused = chat(client, user_input="would be lost")
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "session_store_unavailable"
+        assert "disk is full" in refused.json()["message"]
+        assert client.post("/clear_context").status_code == 503
+        assert client.get("/health").status_code == 200  # the model still serves
+        wait_idle(client)
+        monkeypatch.undo()
+        assert prompt_of(client) == before
+        assert chat(client, user_input="again").status_code == 200
+        assert live.recorder.wait_for(2) == ["success", "success"]  # refused: not accepted
+
+
+def test_drain_lets_streams_finish_then_stops_them(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
+        chat_stream = app.state.chat_stream
+        worker = chat_stream.pool.workers[0]
+        results: list[httpx.Response] = []
+        with live.client() as client:
+            assert chat(client, user_input="one").status_code == 200
+            running = threading.Thread(
+                target=lambda: results.append(chat(client, user_input="two"))
+            )
+            queued = threading.Thread(
+                target=lambda: results.append(chat_once(live, user_input="three"))
+            )
+            with paused(worker):
+                running.start()
+                eventually(lambda: client.get("/get_load").json()["processing"] == 1)
+                queued.start()
+                eventually(lambda: client.get("/get_load").json()["waiting"] == 1)
+                loop = live.server_loop()
+                drained = asyncio.run_coroutine_threadsafe(chat_stream.drain(0.5), loop)
+                eventually(lambda: client.get("/health").status_code == 503)
+                health = client.get("/health")
+                assert health.json()["status"] == "draining"
+                assert health.headers["retry-after"]
+                refused = chat_once(live, user_input="new")
+                assert refused.status_code == 503
+                assert refused.json()["error"] == "not_ready"
+                time.sleep(0.7)  # past the grace period: the running turn is stopped
+            drained.result(10)
+            running.join(10)
+            queued.join(10)
+            statuses = sorted(r.status_code for r in results)
+            # The queued request got 503 at once; the running one (paused: no text yet) was
+            # stopped at the end of the grace period and answered 503 before any text.
+            assert statuses == [503, 503]
+            assert sorted(live.recorder.wait_for(3)) == [
+                "success",
+                "unknown_error_occurred",
+                "unknown_error_occurred",
+            ]
+            assert chat_stream.slots.load().processing == 0
+            # Nothing of the stopped turn was kept: the history is the first turn.
+            chat_stream.draining = False
+            assert [m["content"] for m in prompt_of(client)["messages"]][:1] == ["one"]
+            assert len(prompt_of(client)["messages"]) == 2
