@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import threading
@@ -12,13 +13,26 @@ import llama_cpp
 
 from llamastream.chat.templates import ChatTemplate
 from llamastream.config import Settings
+from llamastream.engine.gpu import (
+    MIB,
+    DeviceMemory,
+    ModelShape,
+    Offload,
+    Placement,
+    check_fits,
+    check_kv_types,
+    gpu_devices,
+    plan_placement,
+    resolve_workers,
+)
 from llamastream.engine.worker import Job, Worker, load_llama
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerPool:
-    """``settings.num_of_concurrent_executions`` slots, split over ``settings.workers`` workers."""
+    """``settings.num_of_concurrent_executions`` slots, split over ``settings.workers`` workers
+    (``auto``: one per visible GPU)."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.model_path is None:
@@ -26,24 +40,20 @@ class WorkerPool:
         self.settings = settings
         self.model_path = Path(settings.model_path)
         self.n_slots = settings.num_of_concurrent_executions
-        n_workers = min(settings.workers if isinstance(settings.workers, int) else 1, self.n_slots)
-        shares = [
-            self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
-        ]
-        self.workers = [
-            Worker(
-                i,
-                str(self.model_path),
-                n_slots=share,
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_gpu_layers=settings.n_gpu_layers,
-                n_threads=settings.n_threads,
-            )
-            for i, share in enumerate(shares)
-        ]
+        self.offload = Offload(
+            n_gpu_layers=settings.n_gpu_layers,
+            main_gpu=settings.main_gpu,
+            tensor_split=tuple(settings.tensor_split) if settings.tensor_split else None,
+            flash_attn=settings.flash_attn,
+            offload_kqv=settings.offload_kqv,
+            type_k=settings.type_k,
+            type_v=settings.type_v,
+        )
+        # Built by start(), once the GPUs and the model's shape are known.
+        self.workers: list[Worker] = []
+        self.placements: list[Placement] = []
         # slot index → (worker, sequence within the worker)
-        self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
+        self._slot_place: list[tuple[Worker, int]] = []
         self._vocab: llama_cpp.Llama | None = None
         self._vocab_lock = threading.Lock()
         self.template = ChatTemplate()
@@ -51,7 +61,21 @@ class WorkerPool:
         self._control: re.Pattern[str] | None = None
 
     async def start(self) -> None:
-        """Load the tokenizer and every worker (off the event loop)."""
+        """Load the tokenizer and every worker (off the event loop).
+
+        Raises `GpuMemoryError` before loading any weights when the placement cannot fit; on
+        any failure, what was loaded is freed again.
+        """
+        started: list[Worker] = []
+        try:
+            await self._start(started)
+        except BaseException:
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in started))
+            self.workers, self._slot_place = [], []
+            self._close_vocab()
+            raise
+
+    async def _start(self, started: list[Worker]) -> None:
         self._vocab = await asyncio.to_thread(load_llama, str(self.model_path), vocab_only=True)
         meta = self._vocab.metadata
         bos = self._token_text(self._vocab.token_bos())
@@ -61,12 +85,87 @@ class WorkerPool:
             logger.warning("%s has no chat template; using ChatML", self.model_name)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self._control = self._control_token_pattern()
+        devices = await asyncio.to_thread(gpu_devices)
+        self._build_workers(meta, devices)
         for worker in self.workers:  # one at a time: loads are serialized anyway
+            started.append(worker)
             await asyncio.wrap_future(worker.start())
         logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
 
+    def _build_workers(self, meta: dict[str, str], devices: list[DeviceMemory]) -> None:
+        """Split the slots over the workers, place each worker, log it, and refuse what cannot
+        fit. Several workers on several GPUs are pinned one per GPU, round robin."""
+        settings = self.settings
+        offload = self.offload
+        if not devices and offload.n_gpu_layers != 0:
+            logger.warning(
+                "n_gpu_layers=%d but %s: everything runs on the CPU",
+                offload.n_gpu_layers,
+                "no GPU is visible"
+                if llama_cpp.llama_supports_gpu_offload()
+                else "this llama.cpp build has no GPU support "
+                '(reinstall with CMAKE_ARGS="-DGGML_CUDA=on")',
+            )
+        n_workers = min(
+            resolve_workers(settings.workers, len(devices), offload.n_gpu_layers), self.n_slots
+        )
+        gpus = [d.index for d in devices]
+        pin = n_workers > 1 and len(gpus) > 1 and offload.n_gpu_layers != 0
+        if pin and offload.tensor_split is not None:
+            logger.warning("tensor_split is ignored: each worker holds the whole model on one GPU")
+        offloads = [
+            offload.pinned(gpus[i % len(gpus)]) if pin else offload for i in range(n_workers)
+        ]
+        shares = [
+            self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
+        ]
+        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
+        if shape is None:
+            logger.warning(
+                "%s: no layer shape in its metadata; GPU memory is not checked", self.model_name
+            )
+            self.placements = []
+        else:
+            check_kv_types(shape, offload.type_k, offload.type_v, offload.flash_attn)
+            free = {d.index: float(d.free) for d in devices}
+            self.placements = [
+                plan_placement(
+                    i,
+                    shape,
+                    n_slots=share,
+                    n_ctx=settings.n_ctx,
+                    n_gpu_layers=o.n_gpu_layers,
+                    type_k=o.type_k,
+                    type_v=o.type_v,
+                    offload_kqv=o.offload_kqv,
+                    devices=[o.main_gpu] if pin else gpus,
+                    split=None if pin else (o.tensor_split or [free[g] for g in gpus]),
+                )
+                for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
+            ]
+            names = {d.index: d.name for d in devices}
+            for placement in self.placements:
+                logger.info("%s", placement.describe(names))
+            check_fits(self.placements, devices, settings.gpu_headroom_mib * MIB)
+        self.workers = [
+            Worker(
+                i,
+                str(self.model_path),
+                n_slots=share,
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_threads=settings.n_threads,
+                offload=o,
+            )
+            for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
+        ]
+        self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
+
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+        self._close_vocab()
+
+    def _close_vocab(self) -> None:
         if self._vocab is not None:
             self._vocab.close()
             self._vocab = None
@@ -105,12 +204,14 @@ class WorkerPool:
         return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
     def best_slot(self, tokens: list[int], candidates: list[int]) -> int | None:
-        """The candidate slot whose KV cache holds the longest prefix of ``tokens``, if any.
+        """The candidate slot whose KV cache holds the longest prefix of ``tokens``, if any;
+        else, with several workers, the least loaded worker's candidate free the longest.
 
         A slot qualifies only if at least half of what it holds is reused: a new conversation
         that merely shares a system prompt must not evict another conversation's cache (the
-        caller then takes the slot free the longest). Reads the workers' bookkeeping from the
-        event loop: a hint, never a guarantee (the worker checks the real prefix at start).
+        caller then takes the slot free the longest). ``candidates`` are the free slots, free
+        the longest first. Reads the workers' bookkeeping from the event loop: a hint, never a
+        guarantee (the worker checks the real prefix at start).
         """
         best, best_len = None, 0
         for slot in candidates:
@@ -118,6 +219,19 @@ class WorkerPool:
             n, held = worker.prefix_match(seq, tokens)
             if n > best_len and 2 * n >= held:
                 best, best_len = slot, n
+        if best is None and len(self.workers) > 1:
+            return self.least_loaded(candidates)
+        return best
+
+    def least_loaded(self, candidates: list[int]) -> int | None:
+        """The first of the free ``candidates`` on the worker with the fewest busy slots."""
+        free = collections.Counter(self._slot_place[slot][0].index for slot in candidates)
+        best, best_busy = None, 0
+        for slot in candidates:
+            worker = self._slot_place[slot][0]
+            busy = worker.n_slots - free[worker.index]
+            if best is None or busy < best_busy:
+                best, best_busy = slot, busy
         return best
 
     def submit(self, slot: int, job: Job) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import llama_cpp
 from llama_cpp import _internals as internals
 
+from llamastream.engine.gpu import Offload
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.stops import StopScanner
 
@@ -113,15 +114,15 @@ class Worker:
         n_slots: int = 1,
         n_ctx: int = 2048,
         n_batch: int = 512,
-        n_gpu_layers: int = 0,
         n_threads: int | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.index = index
         self.n_slots = n_slots
         self.n_ctx = n_ctx
         self.n_batch = max(n_batch, n_slots)
         self._model_path = model_path
-        self._n_gpu_layers = n_gpu_layers
+        self.offload = offload or Offload()
         self._n_threads = n_threads
         self._inbox: queue.SimpleQueue[tuple[int, Job] | Callable[[], None] | None] = (
             queue.SimpleQueue()
@@ -179,30 +180,47 @@ class Worker:
     # the worker's thread
 
     def _load(self) -> None:
+        offload = self.offload
         model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = 0x7FFFFFFF if self._n_gpu_layers < 0 else self._n_gpu_layers
+        keep_alive = offload.apply_model(model_params)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = self.n_ctx * self.n_slots
         ctx_params.n_batch = self.n_batch
         ctx_params.n_ubatch = self.n_batch
         ctx_params.n_seq_max = self.n_slots
         ctx_params.kv_unified = False
+        offload.apply_context(ctx_params)
         if self._n_threads:
             ctx_params.n_threads = ctx_params.n_threads_batch = self._n_threads
         with _LOAD_LOCK:
             self._model = internals.LlamaModel(
                 path_model=self._model_path, params=model_params, verbose=False
             )
-            self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+            del keep_alive
+            try:
+                self._ctx = internals.LlamaContext(
+                    model=self._model, params=ctx_params, verbose=False
+                )
+            except ValueError as exc:
+                self._model.close()
+                self._model = None
+                raise RuntimeError(
+                    f"worker {self.index}: llama.cpp could not create a context of "
+                    f"{self.n_slots} x {self.n_ctx} tokens with type_k={offload.type_k}, "
+                    f"type_v={offload.type_v}, flash_attn={offload.flash_attn} (does the KV "
+                    "cache fit? a quantized KV cache with flash attention needs a head size "
+                    "that is a multiple of 32; a quantized type_v needs flash attention)"
+                ) from exc
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         logger.info(
-            "worker %d loaded %s: %d slot(s) of %d tokens",
+            "worker %d loaded %s: %d slot(s) of %d tokens, model tensors %.1f MiB",
             self.index,
             self._model_path,
             self.n_slots,
             self.n_ctx,
+            llama_cpp.llama_model_size(self._model.model) / 2**20,
         )
 
     def _unload(self) -> None:
