@@ -43,9 +43,12 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    """One redis-server process without persistence, on a fixed port, startable again."""
+    """One redis-server process on a fixed port, startable again; no persistence unless asked."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, persistent: bool = False
+    ) -> None:
+        self.persistent = persistent  # an append-only file, synced on every write
         self.executable = require_redis_server()
         self.directory = directory
         self.port = port if port is not None else free_port()
@@ -63,7 +66,9 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.directory),
             "--logfile",
