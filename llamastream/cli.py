@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import sys
 import typing
+from collections.abc import Generator
 from types import FrameType
 
 from pydantic import ValidationError
@@ -86,6 +88,13 @@ def serve(settings: Settings) -> None:
 
         _loop: asyncio.AbstractEventLoop | None = None
         _draining = False
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            with super().capture_signals():
+                yield
+                # Drained and stopped: exit 0 rather than re-raising the signal as uvicorn does.
+                self._captured_signals.clear()
 
         async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             self._loop = asyncio.get_running_loop()
