@@ -364,3 +364,29 @@ def test_drain_lets_streams_finish_then_stops_them(settings_kwargs: dict[str, An
             chat_stream.draining = False
             assert [m["content"] for m in prompt_of(client)["messages"]][:1] == ["one"]
             assert len(prompt_of(client)["messages"]) == 2
+
+
+def test_one_session_cannot_read_or_alter_another(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs) as (live, _):
+        with live.client() as alice, live.client() as mallory:
+            assert chat(alice, user_input="alice's secret").status_code == 200
+            cookie = alice.cookies["llamastream_session"]
+            assert chat(mallory, user_input="hello").status_code == 200
+            assert "alice's secret" not in str(prompt_of(mallory))
+            # Guesses near Alice's id name no stored session: each gets a fresh one.
+            near = cookie[:-1] + ("A" if cookie[-1] != "A" else "B")
+            for guess in (cookie[:-1], near, cookie + "=", "x" * 500):
+                with live.client(headers={"cookie": f"llamastream_session={guess}"}) as forger:
+                    seen = forger.get("/get_prompt")
+                    assert seen.json()["messages"] == []
+                    assert seen.cookies["llamastream_session"] not in (guess, cookie)
+                    assert forger.post("/clear_context").status_code == 200
+            mallory.post("/set_generation_params", json={"temperature": 0.1})
+            assert [m["content"] for m in prompt_of(alice)["messages"]][:1] == ["alice's secret"]
+            assert alice.get("/get_generation_params").json()["temperature"] == 0.7
+
+
+def test_the_cookie_can_be_marked_secure(settings_kwargs: dict[str, Any]) -> None:
+    with server(settings_kwargs, cookie_secure=True) as (live, _), live.client() as client:
+        issued = client.get("/get_generation_params").headers["set-cookie"]
+        assert "Secure" in issued and "HttpOnly" in issued and "SameSite=Lax" in issued
