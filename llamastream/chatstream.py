@@ -13,7 +13,7 @@ from typing import Any
 import anyio.to_thread
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.errors import error_response, invalid_from_validation
@@ -396,7 +396,8 @@ class ChatStream:
             await asyncio.sleep(min(ttls, default=15.0) / 3)
             for session_id, (store, token) in list(self._held_locks.items()):
                 try:
-                    if not await store.renew(session_id, token):
+                    renewed = await store.renew(session_id, token)
+                    if not renewed and self._held_locks.get(session_id, (None, ""))[1] == token:
                         logger.warning("session %s: its turn lock was lost", session_id[:8])
                 except LlamaStreamError:
                     logger.warning("session %s: could not renew its turn lock", session_id[:8])
@@ -467,11 +468,18 @@ async def read_json_body(request: Request, given: RequestBody, max_bytes: int) -
             raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise BodyTooLargeError(f"the body is larger than {max_bytes} bytes", field="body")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyTooLargeError(
+                        f"the body is larger than {max_bytes} bytes", field="body"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise InvalidRequestError(
+                "the client left while sending the body", field="body"
+            ) from None
         given = b"".join(chunks)
     raw = given.encode() if isinstance(given, str) else given
     if len(raw) > max_bytes:

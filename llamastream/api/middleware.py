@@ -50,7 +50,7 @@ class RequestContextMiddleware:
         rid = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(rid)
         started = time.monotonic()
-        status = 500
+        status = 499  # nginx's "client closed request": no response was started
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

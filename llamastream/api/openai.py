@@ -13,15 +13,24 @@ from typing import Any, Literal
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.access import check_access
 from llamastream.api.errors import invalid_from_validation, openai_error_response
+from llamastream.api.native import error_responses, json_body
 from llamastream.chatstream import ChatStream, read_json_body
 from llamastream.engine.pool import WorkerPool
 from llamastream.errors import (
     ContextLengthError,
+    GenerationError,
     InvalidRequestError,
     LlamaStreamError,
     ModelNotFoundError,
@@ -48,7 +57,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -68,7 +77,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: int = Field(1, ge=1, le=1)
@@ -76,7 +85,27 @@ class _Common(BaseModel):
     top_k: int | None = Field(None, ge=0, le=100_000)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
+
+    @field_validator(
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "n",
+        "top_k",
+        "min_p",
+        "repeat_penalty",
+        mode="before",
+    )
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("Input should be a number, not a boolean")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -140,8 +169,11 @@ class OpenAIFraming:
     def error_tail(self, run: Run) -> bytes | None:
         if not self.streaming:
             return None
-        error = {"message": "generation failed", "type": "server_error", "param": None}
-        return self._event({"error": {**error, "code": "generation_failed"}})
+        exc = run.error
+        if not isinstance(exc, LlamaStreamError):
+            exc = GenerationError("generation failed")
+        error = {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}
+        return self._event({"error": error})
 
     def error_response(self, exc: LlamaStreamError) -> Response:
         return openai_error_response(exc)
@@ -202,7 +234,75 @@ def model_id(chat_stream: ChatStream, pool: WorkerPool) -> str:
     return chat_stream.settings.model_alias or pool.model_path.stem
 
 
-@router.get("/models")
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_MODELS = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                    "context_length": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
+# One server-sent event: `data:` holds a JSON chunk, or `[DONE]` at the end.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+
+_COMPLETION_RESPONSES: dict[int | str, Any] = {
+    200: {
+        "description": "One JSON object, or with `stream: true` server-sent events ending with "
+        "`data: [DONE]`.",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
+            "text/event-stream": {"schema": _SSE_EVENT},
+        },
+    },
+    **error_responses(400, 401, 403, 404, 413, 429, 500, 503, schema=OPENAI_ERROR_SCHEMA),
+}
+
+
+@router.get(
+    "/models",
+    responses={
+        200: {
+            "description": "The served model.",
+            "content": {"application/json": {"schema": _MODELS}},
+        },
+        **error_responses(401, 403, 503, schema=OPENAI_ERROR_SCHEMA),
+    },
+)
 async def list_models(request: Request) -> Response:
     """The model this server runs."""
     chat_stream: ChatStream = request.app.state.chat_stream
@@ -222,18 +322,39 @@ async def list_models(request: Request) -> Response:
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI text for a route that parses its JSON body itself."""
+    """OpenAPI text for a route that parses its JSON body itself.
+
+    pydantic's ``$defs`` are inlined: the route's text cannot add to the document's components.
+    """
     schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return json_body(inline(schema))
 
 
-@router.post("/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
+@router.post(
+    "/chat/completions",
+    openapi_extra=_body_doc(ChatCompletionRequest),
+    responses=_COMPLETION_RESPONSES,
+)
 async def chat_completions(request: Request) -> Response:
     """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
     return await _complete(request, "chat")
 
 
-@router.post("/completions", openapi_extra=_body_doc(CompletionRequest))
+@router.post(
+    "/completions", openapi_extra=_body_doc(CompletionRequest), responses=_COMPLETION_RESPONSES
+)
 async def completions(request: Request) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
     return await _complete(request, "text")

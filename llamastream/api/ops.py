@@ -7,12 +7,36 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.access import require
+from llamastream.api.native import error_responses
 from llamastream.chatstream import ChatStream
 
 router = APIRouter()
 
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "model", "processing", "waiting", "max_processing", "max_waiting"],
+    "properties": {
+        "status": {"enum": ["ok", "loading", "draining"]},
+        "model": {"type": ["string", "null"]},
+        "processing": {"type": "integer", "minimum": 0},
+        "waiting": {"type": "integer", "minimum": 0},
+        "max_processing": {"type": "integer", "minimum": 1},
+        "max_waiting": {"type": "integer", "minimum": 0},
+    },
+}
 
-@router.get("/health")
+
+@router.get(
+    "/health",
+    responses={
+        200: {"description": "Serving.", "content": {"application/json": {"schema": _HEALTH}}},
+        503: {
+            "description": "Loading or draining.",
+            "content": {"application/json": {"schema": _HEALTH}},
+            "headers": {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+        },
+    },
+)
 async def health(request: Request) -> JSONResponse:
     """200 when serving; 503 while the model loads or the server drains; with slot figures."""
     chat_stream: ChatStream = request.app.state.chat_stream
@@ -33,7 +57,18 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if serving else 503, headers=headers)
 
 
-@router.get("/metrics", dependencies=[Depends(require("metrics"))])
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The Prometheus text exposition.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **error_responses(401, 403),
+    },
+    dependencies=[Depends(require("metrics"))],
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (text exposition format)."""
     chat_stream: ChatStream = request.app.state.chat_stream

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_a_bool)]  # JSON true is not 1.0
 
 
 class GenerationParams(BaseModel):
@@ -13,12 +22,12 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=100_000)
-    repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
-    max_new_tokens: int | None = Field(None, ge=1, le=1_048_576)
-    seed: int | None = Field(None, ge=0, lt=2**32)
+    temperature: Number | None = Field(None, ge=0.0, le=5.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=0, le=100_000)
+    repeat_penalty: Number | None = Field(None, ge=0.0, le=10.0)
+    max_new_tokens: StrictInt | None = Field(None, ge=1, le=1_048_576)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**32)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,22 @@ class Job:
     on_event: Callable[[Event], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    # The conversation this prompt belongs to (a session id): the slot's cache is saved under
+    # it when another conversation takes the slot.
+    cache_key: str | None = None
+    # A cache saved earlier for this conversation, restored if it is a prefix of the prompt.
+    restore: SavedState | None = None
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A KV-cache sequence and the tokens it holds (``llama_state_seq_get_data``)."""
+
+    tokens: tuple[int, ...]
+    data: bytes
+
+
+StateSink = Callable[[str, SavedState], None]
 
 
 # llama-cpp-python silences a quiet load by pointing the process's fds 1 and 2 at /dev/null
@@ -116,8 +132,12 @@ class Worker:
         n_batch: int = 512,
         n_threads: int | None = None,
         offload: Offload | None = None,
+        state_sink: StateSink | None = None,
+        min_saved_tokens: int = 64,
     ) -> None:
         self.index = index
+        self._state_sink = state_sink
+        self._min_saved_tokens = min_saved_tokens
         self.n_slots = n_slots
         self.n_ctx = n_ctx
         self.n_batch = max(n_batch, n_slots)
@@ -137,6 +157,8 @@ class Worker:
         self._vocab: Any = None
         self._n_vocab = 0
         self._cached: list[list[int]] = [[] for _ in range(n_slots)]
+        self._owner: list[str | None] = [None] * n_slots  # whose conversation each cache holds
+        self.restored_tokens = 0  # prompt tokens taken from restored caches
         self._active: dict[int, _Slot] = {}
         self.prompt_tokens = 0  # prompt tokens received, and how many of them were already cached
         self.reused_tokens = 0
@@ -298,9 +320,14 @@ class Worker:
             raise ValueError("the prompt holds a token outside the vocabulary")
         # Reuse what this sequence already holds of the prompt (a session's earlier turns).
         cached = self._cached[seq]
-        common = min(
-            common_prefix(cached, tokens), len(tokens) - 1
-        )  # the last prompt token is decoded for its logits
+        held = common_prefix(cached, tokens)
+        if job.cache_key != self._owner[seq] and 2 * held < len(cached):
+            self._save_state(seq)  # another conversation's cache is about to be overwritten
+        if job.restore is not None and len(job.restore.tokens) > held:
+            restored = self._restore_state(seq, job.restore, tokens)
+            held = held if restored < 0 else restored
+        self._owner[seq] = job.cache_key
+        common = min(held, len(tokens) - 1)  # the last prompt token is decoded for its logits
         if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, common, -1):
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, 0, -1)
             common = 0
@@ -312,6 +339,47 @@ class Worker:
         )
         sampler = self._sampler(job.params)
         self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
+
+    def _save_state(self, seq: int) -> None:
+        """Hand the sequence's cache to the state sink, under the conversation it belongs to."""
+        owner, cached = self._owner[seq], self._cached[seq]
+        if self._state_sink is None or owner is None or len(cached) < self._min_saved_tokens:
+            return
+        assert self._ctx is not None
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq)
+        if written == 0:
+            logger.warning("worker %d slot %d: llama.cpp could not save its cache", self.index, seq)
+            return
+        try:
+            self._state_sink(owner, SavedState(tuple(cached), bytes(buffer)[:written]))
+        except Exception:
+            logger.exception("worker %d: the state sink failed", self.index)
+
+    def _restore_state(self, seq: int, state: SavedState, tokens: list[int]) -> int:
+        """Load a saved cache into the sequence if it holds a prefix of ``tokens``.
+
+        Returns the tokens restored; -1, the sequence untouched, when the state is not a prefix
+        of this prompt (never restored into another conversation); 0, the sequence emptied,
+        when llama.cpp refused it.
+        """
+        n = len(state.tokens)
+        if n >= self.n_ctx or common_prefix(list(state.tokens), tokens) != n:
+            return -1
+        assert self._ctx is not None
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+        self._cached[seq].clear()
+        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buffer, len(state.data), seq) == 0:
+            logger.warning("worker %d slot %d: a saved cache was refused", self.index, seq)
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+            return 0
+        self._cached[seq].extend(state.tokens)
+        self.restored_tokens += n
+        logger.debug("worker %d slot %d: restored %d cached tokens", self.index, seq, n)
+        return n
 
     def _sampler(self, params: SamplingParams) -> internals.LlamaSampler:
         assert self._model is not None

@@ -176,6 +176,8 @@ BAD_REQUESTS = [
     ),
     ("POST", "/set_generation_params", b'{"max_new_tokens": 33}', 400, "max_new_tokens"),
     ("POST", "/set_generation_params", b'{"seed": -5}', 400, "seed"),
+    ("POST", "/set_generation_params", b'{"seed": false}', 400, "seed"),
+    ("POST", "/set_generation_params", b'{"temperature": true}', 400, "temperature"),
     ("POST", "/set_generation_params", b'{"temprature": 0.5}', 400, "temprature"),
     ("POST", "/set_generation_params", b'{"top_p": "high"}', 400, "top_p"),
     ("POST", "/set_generation_params", b"[]", 400, "body"),

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from llamastream.engine.sampling import SamplingParams
-from llamastream.engine.worker import Event, Failed, Finished, Job, TextChunk, Worker, load_llama
+from llamastream.engine.worker import (
+    Event,
+    Failed,
+    Finished,
+    Job,
+    SavedState,
+    TextChunk,
+    Worker,
+    load_llama,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +155,62 @@ def test_a_long_prompt_does_not_stall_a_running_stream(worker: Worker, prompt: l
     assert short.done.wait(30) and long.done.wait(30)
     # The short reply kept streaming while the long prompt was being read.
     assert order.index("L") > 10
+
+
+def _text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextChunk))
+
+
+def test_a_saved_cache_restores_into_another_slot_exactly(tiny_model: Path) -> None:
+    """A conversation's cache, saved when another takes its slot, restores elsewhere and
+    continues exactly as a cache that never left; it is never restored into another prompt."""
+    saved: dict[str, SavedState] = {}
+    w = Worker(
+        0,
+        str(tiny_model),
+        n_slots=2,
+        n_ctx=2048,
+        n_batch=64,
+        n_threads=1,
+        state_sink=lambda key, state: saved.__setitem__(key, state),
+        min_saved_tokens=8,
+    )
+    fresh = Worker(1, str(tiny_model), n_slots=1, n_ctx=2048, n_batch=64, n_threads=1)
+    w.start().result(30)
+    fresh.start().result(30)
+    try:
+        greedy = SamplingParams(temperature=0, max_new_tokens=24, seed=1)
+        first = [1, *range(10, 130)]  # conversation a: 121 byte tokens
+        events: queue.Queue[Event] = queue.Queue()
+
+        def job(tokens: list[int], key: str, restore: SavedState | None = None) -> list[Event]:
+            done = Job(tokens, greedy, events.put, cache_key=key, restore=restore)
+            w.submit(done, 0)
+            assert done.done.wait(60)
+            out = []
+            while not events.empty():
+                out.append(events.get())
+            return out
+
+        job(first, "a")
+        assert saved == {}
+        job([1, *range(140, 200)], "b")  # b takes the slot: a's cache is saved
+        state = saved["a"]
+        assert list(state.tokens[: len(first)]) == first
+        assert len(state.tokens) >= len(first) + 20  # the reply's tokens too
+        follow_up = [*state.tokens, *range(200, 240)]
+        before = w.restored_tokens
+        resumed = job(follow_up, "a", restore=state)
+        assert w.restored_tokens - before == len(state.tokens)
+        # The same follow-up on a worker that never saw conversation a: the same reply.
+        expected = run(fresh, follow_up, greedy)
+        assert _text(resumed) == _text(expected)
+        assert _text(resumed)
+        # A state whose tokens are not a prefix of the prompt is never restored.
+        before = w.restored_tokens
+        other = job([1, *range(60, 120)], "c", restore=state)
+        assert w.restored_tokens == before
+        assert _text(other) == _text(run(fresh, [1, *range(60, 120)], greedy))
+    finally:
+        w.stop()
+        fresh.stop()
