@@ -199,6 +199,8 @@ class ChatStream:
                 prompt = self._prompt_of(session)
                 prompt.clear()
                 await self._save(manager)
+                if self.pool is not None and self.pool.states is not None:
+                    await anyio.to_thread.run_sync(self.pool.states.discard, session.id)
         except LlamaStreamError as exc:
             return error_response(exc)
         return JSONResponse({"status": "cleared"})
@@ -319,7 +321,17 @@ class ChatStream:
             finally:
                 await self._unlock(manager, lock)
 
-        return Run(request, tokens, params, ticket, PlainTextFraming(), callback, on_settle=settle)
+        key = session.id if manager is not None else None
+        return Run(
+            request,
+            tokens,
+            params,
+            ticket,
+            PlainTextFraming(),
+            callback,
+            on_settle=settle,
+            cache_key=key,
+        )
 
     def _tokenize_fitting(
         self, pool: WorkerPool, prompt: ChatPrompt, params: SamplingParams

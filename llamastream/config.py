@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         description="Expiry of a session's turn lock, renewed while the turn runs: how long a "
         "session stays locked after its server died mid-turn.",
     )
+    kv_state_bytes: int = Field(
+        2 << 30,
+        ge=0,
+        description="Disk (bytes) for the KV caches of conversations that lost their slot, "
+        "kept in session_dir/kv-states and restored when they come back; 0: off.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted (bytes); more gets 413."
     )

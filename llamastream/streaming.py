@@ -148,6 +148,7 @@ class Run:
     framing: Framing
     callback: Callback | None = None
     on_settle: Callable[[Run], Awaitable[None]] | None = None
+    cache_key: str | None = None  # the conversation (session) whose KV cache this extends
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     text: list[str] = field(default_factory=list)
     started: bool = False
@@ -247,7 +248,12 @@ class Runner:
             slot = await self._wait_for_slot(run)
             if self.metrics is not None:
                 self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
-            run.job = Job(run.tokens, run.params, run.bridge.put)
+            restore = None
+            if run.cache_key is not None:
+                restore = await pool.saved_state(slot, run.tokens, run.cache_key)
+            run.job = Job(
+                run.tokens, run.params, run.bridge.put, cache_key=run.cache_key, restore=restore
+            )
             if run.stop_error is not None:
                 run.job.cancel.set()
             pool.submit(slot, run.job)

@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -307,6 +308,12 @@ def main() -> None:
     parser.add_argument("--name", default="cpu", help="output file name in docs/benchmarks/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--without-saved-caches",
+        action="store_true",
+        help="also measure llamastream with kv_state_bytes=0 (caches of conversations that "
+        "lost their slot are not saved)",
+    )
     args = parser.parse_args()
     args.model_id = args.model.stem
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,11 +347,16 @@ def main() -> None:
             "--n-gpu-layers",
             str(args.n_gpu_layers),
             "--session-dir",
-            str(log_dir / "sessions"),
+            tempfile.mkdtemp(prefix="sessions-", dir=log_dir),
             "--log-level",
             "warning",
         ]
         targets.append(("llamastream", cmd, {"ignore_eos": True}, port))
+        if args.without_saved_caches:
+            port = free_port()
+            plain = [*cmd, "--kv-state-bytes", "0", "--port", str(port)]
+            plain[plain.index("--session-dir") + 1] = tempfile.mkdtemp(dir=log_dir)
+            targets.append(("llamastream, no saved caches", plain, {"ignore_eos": True}, port))
     port = free_port()
     if "llama-cpp-python" in wanted:
         cmd = [

@@ -6,6 +6,7 @@ format differs (OpenAI's JSON objects, SSE for ``stream: true``, its error envel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any, Literal
@@ -387,8 +388,35 @@ async def _complete(request: Request, kind: Kind) -> Response:
         return openai_error_response(exc)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     framing = OpenAIFraming(kind, served, stream=req.stream, include_usage=include_usage)
-    run = Run(request, tokens, params, ticket, framing, request.app.state.chat_callback)
+    run = Run(
+        request,
+        tokens,
+        params,
+        ticket,
+        framing,
+        request.app.state.chat_callback,
+        cache_key=conversation_key(req),
+    )
     return chat_stream.runner.response(pool, run)
+
+
+def conversation_key(req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """Which conversation a stateless chat request continues, for its saved KV cache.
+
+    /v1 clients resend the whole history, so a conversation is known by how it begins: its
+    messages up to the first user message, and the ``user`` field. Conversations that begin
+    alike share a key, which costs at most a miss: a saved cache is restored only into a
+    prompt it is a prefix of.
+    """
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    head = []
+    for message in req.messages:
+        head.append([message.role, message.text()])
+        if message.role == "user":
+            break
+    text = json.dumps([req.user, head], ensure_ascii=False)
+    return "v1:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _check_lengths(req: ChatCompletionRequest | CompletionRequest, max_chars: int) -> None:

@@ -25,7 +25,8 @@ from llamastream.engine.gpu import (
     plan_placement,
     resolve_workers,
 )
-from llamastream.engine.worker import Job, Worker, load_llama
+from llamastream.engine.states import StateStore, model_fingerprint
+from llamastream.engine.worker import Job, SavedState, Worker, load_llama
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class WorkerPool:
             type_v=settings.type_v,
         )
         # Built by start(), once the GPUs and the model's shape are known.
+        self.states: StateStore | None = None
         self.workers: list[Worker] = []
         self.placements: list[Placement] = []
         # slot index → (worker, sequence within the worker)
@@ -73,6 +75,7 @@ class WorkerPool:
             await asyncio.gather(*(asyncio.to_thread(w.stop) for w in started))
             self.workers, self._slot_place = [], []
             self._close_vocab()
+            self._close_states()
             raise
 
     async def _start(self, started: list[Worker]) -> None:
@@ -86,6 +89,15 @@ class WorkerPool:
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self._control = self._control_token_pattern()
         devices = await asyncio.to_thread(gpu_devices)
+        if self.settings.kv_state_bytes > 0:
+            fingerprint = model_fingerprint(
+                self.model_path, self.offload.type_k, self.offload.type_v
+            )
+            self.states = StateStore(
+                self.settings.session_dir / "kv-states",
+                fingerprint,
+                max_bytes=self.settings.kv_state_bytes,
+            )
         self._build_workers(meta, devices)
         for worker in self.workers:  # one at a time: loads are serialized anyway
             started.append(worker)
@@ -156,6 +168,7 @@ class WorkerPool:
                 n_batch=settings.n_batch,
                 n_threads=settings.n_threads,
                 offload=o,
+                state_sink=self.states.put if self.states is not None else None,
             )
             for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
         ]
@@ -164,6 +177,31 @@ class WorkerPool:
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
         self._close_vocab()
+        self._close_states()
+
+    def _close_states(self) -> None:
+        if self.states is not None:
+            self.states.close()
+            self.states = None
+
+    async def saved_state(self, slot: int, tokens: list[int], key: str) -> SavedState | None:
+        """The conversation's saved cache, when it holds more of ``tokens`` than ``slot`` does.
+
+        Read from disk only when the slot lost the conversation's history (a hint read from
+        the event loop; the worker checks the real prefix before restoring).
+        """
+        if self.states is None:
+            return None
+        worker, seq = self._slot_place[slot]
+        held, _ = worker.prefix_match(seq, tokens)
+        if held >= len(tokens) // 2:
+            return None
+        state = await asyncio.to_thread(self.states.get, key)
+        if state is None or len(state.tokens) <= held or len(state.tokens) >= len(tokens):
+            return None
+        if tuple(tokens[: len(state.tokens)]) != state.tokens:
+            return None  # the conversation changed (regenerated, cleared): not its history
+        return state
 
     def _close_vocab(self) -> None:
         if self._vocab is not None:

@@ -1,0 +1,94 @@
+"""Saved KV-cache sequences of conversations that lost their slot, in diskcache.
+
+When a conversation's slot goes to another conversation, the worker hands its cache to
+`StateStore.put` (written by a thread of its own, so decoding does not wait for the disk); when
+the conversation comes back to a slot that does not hold its history, `get` returns the cache
+for the worker to restore. Keys carry a fingerprint of the model file and KV-cache types, so a
+cache is never restored under another model; the worker restores a cache only when its tokens
+are a prefix of the new prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import diskcache
+
+from llamastream.engine.worker import SavedState
+
+logger = logging.getLogger(__name__)
+
+
+def model_fingerprint(model_path: Path, *parts: str) -> str:
+    """Identifies a model file (path, size, modification time) and the cache's format."""
+    stat = model_path.stat()
+    text = "|".join([str(model_path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *parts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StateStore:
+    """Conversation key → `SavedState`, least recently stored evicted past ``max_bytes``.
+
+    >>> import tempfile
+    >>> store = StateStore(tempfile.mkdtemp(), "model-a", max_bytes=1 << 20)
+    >>> store.put("session-1", SavedState((1, 2, 3), b"kv"))
+    >>> store.flush()
+    >>> store.get("session-1")
+    SavedState(tokens=(1, 2, 3), data=b'kv')
+    >>> StateStore(store.directory, "model-b").get("session-1") is None
+    True
+    >>> store.close()
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: str, *, max_bytes: int = 2 << 30):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self._cache = diskcache.Cache(
+            str(self.directory), size_limit=max_bytes, eviction_policy="least-recently-stored"
+        )
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="llamastream-kv-writer")
+
+    def put(self, key: str, state: SavedState) -> None:
+        """Store ``state`` in the background (any thread)."""
+        self._writer.submit(self._write, key, state)
+
+    def get(self, key: str) -> SavedState | None:
+        """The state saved under ``key`` for this model, if any (blocking)."""
+        try:
+            value = self._cache.get(self._key(key))
+        except Exception:
+            logger.exception("reading a saved KV cache failed")
+            return None
+        if not isinstance(value, tuple) or len(value) != 2:
+            return None
+        tokens = array("i")
+        tokens.frombytes(value[0])
+        return SavedState(tuple(tokens), value[1])
+
+    def discard(self, key: str) -> None:
+        self._cache.delete(self._key(key))
+
+    def flush(self) -> None:
+        """Wait until every state handed over so far is written."""
+        self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._cache.close()
+
+    def _write(self, key: str, state: SavedState) -> None:
+        try:
+            tokens = array("i", state.tokens).tobytes()
+            self._cache.set(self._key(key), (tokens, state.data))
+            logger.debug(
+                "saved a KV cache of %d tokens (%d bytes)", len(state.tokens), len(state.data)
+            )
+        except Exception:
+            logger.exception("saving a KV cache failed")
+
+    def _key(self, key: str) -> str:
+        return f"{self.fingerprint}:{key}"

@@ -1,0 +1,51 @@
+"""Conversations outnumbering slots: a conversation's KV cache is saved when it loses its slot
+and restored when it comes back (the real SmolLM2 model, whose replies re-tokenize exactly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_chat import chat, server
+from tests.e2e.test_server_process import smollm2
+
+__all__ = ["smollm2"]
+
+QUESTION = "Tell me about the history of the city of Paris, its rivers, bridges and museums. " * 3
+
+
+def conversation(settings: dict[str, Any]) -> tuple[list[str], int, int]:
+    """Two conversations on one slot, alternating; the replies and the worker's figures."""
+    with server(settings) as (live, app), live.client() as alice, live.client() as bob:
+        replies = []
+        for client, text in [(alice, QUESTION), (bob, "Write a short poem about the sea and the wind."), (alice, "And its food?")]:
+            response = chat(client, user_input=text)
+            assert response.status_code == 200
+            replies.append(response.text)
+        worker = app.state.chat_stream.pool.workers[0]
+        return replies, worker.restored_tokens, worker.reused_tokens
+
+
+@pytest.mark.slow
+def test_a_conversation_back_on_a_taken_slot_resumes_its_saved_cache(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    base = {
+        "model_path": smollm2,
+        "num_of_concurrent_executions": 1,
+        "n_ctx": 2048,
+        "max_new_tokens": 24,
+        "temperature": 0.0,
+        "n_threads": 2,
+    }
+    with_states, restored, reused = conversation({**base, "session_dir": tmp_path / "a"})
+    without, none_restored, _ = conversation(
+        {**base, "session_dir": tmp_path / "b", "kv_state_bytes": 0}
+    )
+    assert restored > 100  # alice's first turn came back from disk
+    assert reused >= restored
+    assert none_restored == 0
+    assert with_states == without  # and the reply is the same as reading it all again
+    assert list((tmp_path / "a" / "kv-states").iterdir())
