@@ -141,6 +141,12 @@ class Settings(BaseSettings):
         description="Disk (bytes) for the KV caches of conversations that lost their slot, "
         "kept in session_dir/kv-states and restored when they come back; 0: off.",
     )
+    kv_state_ram_bytes: int = Field(
+        512 << 20,
+        ge=0,
+        description="Memory (bytes) keeping the most recent of those KV caches, so that "
+        "restoring one does not read the disk.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted (bytes); more gets 413."
     )

@@ -97,6 +97,7 @@ class WorkerPool:
                 self.settings.session_dir / "kv-states",
                 fingerprint,
                 max_bytes=self.settings.kv_state_bytes,
+                ram_bytes=self.settings.kv_state_ram_bytes,
             )
         self._build_workers(meta, devices)
         for worker in self.workers:  # one at a time: loads are serialized anyway
@@ -196,7 +197,7 @@ class WorkerPool:
         held, _ = worker.prefix_match(seq, tokens)
         if held >= len(tokens) // 2:
             return None
-        state = await asyncio.to_thread(self.states.get, key)
+        state = self.states.recall(key) or await asyncio.to_thread(self.states.get, key)
         if state is None or len(state.tokens) <= held or len(state.tokens) >= len(tokens):
             return None
         if tuple(tokens[: len(state.tokens)]) != state.tokens:

@@ -1,7 +1,9 @@
-"""Saved KV-cache sequences of conversations that lost their slot, in diskcache.
+"""Saved KV-cache sequences of conversations that lost their slot: in memory, and in diskcache.
 
 When a conversation's slot goes to another conversation, the worker hands its cache to
-`StateStore.put` (written by a thread of its own, so decoding does not wait for the disk); when
+`StateStore.put`: it is kept in memory (the most recent, up to ``ram_bytes``) and written to
+disk by a thread of its own (so decoding never waits for the disk, and caches outlive memory
+and restarts); when
 the conversation comes back to a slot that does not hold its history, `get` returns the cache
 for the worker to restore. Keys carry a fingerprint of the model file and KV-cache types, so a
 cache is never restored under another model; the worker restores a cache only when its tokens
@@ -10,8 +12,10 @@ are a prefix of the new prompt.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,20 +48,43 @@ class StateStore:
     >>> store.close()
     """
 
-    def __init__(self, directory: str | Path, fingerprint: str, *, max_bytes: int = 2 << 30):
+    def __init__(
+        self,
+        directory: str | Path,
+        fingerprint: str,
+        *,
+        max_bytes: int = 2 << 30,
+        ram_bytes: int = 512 << 20,
+    ) -> None:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        self.ram_bytes = ram_bytes
+        self._ram: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
+        self._ram_used = 0
+        self._ram_lock = threading.Lock()
         self._cache = diskcache.Cache(
             str(self.directory), size_limit=max_bytes, eviction_policy="least-recently-stored"
         )
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="llamastream-kv-writer")
 
     def put(self, key: str, state: SavedState) -> None:
-        """Store ``state`` in the background (any thread)."""
+        """Keep ``state`` in memory and write it to disk in the background (any thread)."""
+        self._remember(key, state)
         self._writer.submit(self._write, key, state)
 
+    def recall(self, key: str) -> SavedState | None:
+        """The state under ``key`` if it is in memory (never blocks on the disk)."""
+        with self._ram_lock:
+            state = self._ram.get(key)
+            if state is not None:
+                self._ram.move_to_end(key)
+            return state
+
     def get(self, key: str) -> SavedState | None:
-        """The state saved under ``key`` for this model, if any (blocking)."""
+        """The state saved under ``key`` for this model, if any (may read the disk)."""
+        state = self.recall(key)
+        if state is not None:
+            return state
         try:
             value = self._cache.get(self._key(key))
         except Exception:
@@ -70,7 +97,24 @@ class StateStore:
         return SavedState(tuple(tokens), value[1])
 
     def discard(self, key: str) -> None:
+        with self._ram_lock:
+            state = self._ram.pop(key, None)
+            if state is not None:
+                self._ram_used -= len(state.data)
         self._cache.delete(self._key(key))
+
+    def _remember(self, key: str, state: SavedState) -> None:
+        with self._ram_lock:
+            old = self._ram.pop(key, None)
+            if old is not None:
+                self._ram_used -= len(old.data)
+            if len(state.data) > self.ram_bytes:
+                return
+            self._ram[key] = state
+            self._ram_used += len(state.data)
+            while self._ram_used > self.ram_bytes:
+                _, evicted = self._ram.popitem(last=False)
+                self._ram_used -= len(evicted.data)
 
     def flush(self) -> None:
         """Wait until every state handed over so far is written."""

@@ -354,7 +354,7 @@ class Worker:
             logger.warning("worker %d slot %d: llama.cpp could not save its cache", self.index, seq)
             return
         try:
-            self._state_sink(owner, SavedState(tuple(cached), bytes(buffer)[:written]))
+            self._state_sink(owner, SavedState(tuple(cached), ctypes.string_at(buffer, written)))
         except Exception:
             logger.exception("worker %d: the state sink failed", self.index)
 
@@ -371,7 +371,8 @@ class Worker:
         assert self._ctx is not None
         llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
         self._cached[seq].clear()
-        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        # llama.cpp only reads the buffer: point it at the bytes object, no copy.
+        buffer = ctypes.cast(ctypes.c_char_p(state.data), ctypes.POINTER(ctypes.c_uint8))
         if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buffer, len(state.data), seq) == 0:
             logger.warning("worker %d slot %d: a saved cache was refused", self.index, seq)
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)

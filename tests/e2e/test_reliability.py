@@ -392,3 +392,21 @@ def test_the_cookie_can_be_marked_secure(settings_kwargs: dict[str, Any]) -> Non
     with server(settings_kwargs, cookie_secure=True) as (live, _), live.client() as client:
         issued = client.get("/get_generation_params").headers["set-cookie"]
         assert "Secure" in issued and "HttpOnly" in issued and "SameSite=Lax" in issued
+
+
+def test_a_client_leaving_during_prompt_evaluation(settings_kwargs: dict[str, Any]) -> None:
+    """The slot is granted and the prompt handed to the worker, no token yet: the client
+    leaves. The job is cancelled, the slot freed, the history left as it was."""
+    with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
+        worker = app.state.chat_stream.pool.workers[0]
+        with live.client() as client:
+            assert chat(client, user_input="kept").status_code == 200
+            before = prompt_of(client)
+            with paused(worker), live.client(cookies=client.cookies) as leaver:
+                with pytest.raises(httpx.ReadTimeout):
+                    leaver.post("/chat_stream", json={"user_input": "left"}, timeout=0.5)
+                assert client.get("/health").json()["processing"] == 1  # it held the slot
+            assert live.recorder.wait_for(2)[1] == "client_disconnected_before_streaming"
+            wait_idle(client)
+            assert prompt_of(client) == before
+            assert chat(client, user_input="next").status_code == 200
