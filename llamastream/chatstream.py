@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,6 +61,16 @@ class ChatRequest(BaseModel):
             )
 
 
+RENEW_TICK_S = 0.25  # how often held turn locks are checked for renewal
+
+
+@dataclasses.dataclass
+class _HeldLock:
+    store: SessionStore
+    token: str
+    renewed_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
 class PlainTextFraming:
     """ChatStream's wire format: the reply as bare UTF-8 text chunks."""
 
@@ -108,7 +119,7 @@ class ChatStream:
         )
         self.pool: WorkerPool | None = None
         self.draining = False
-        self._held_locks: dict[str, tuple[SessionStore, str]] = {}
+        self._held_locks: dict[str, _HeldLock] = {}
         self._renewer: asyncio.Task[None] | None = None
 
     # lifecycle
@@ -134,7 +145,7 @@ class ChatStream:
         self.draining = True
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         logger.info("draining: %d request(s) in flight, %g s grace", len(self.runner.active), grace)
-        await self.runner.drain(grace, _shutting_down())
+        await self.runner.drain(grace, _shutting_down)
 
     async def stop(self) -> None:
         if self.runner.active:
@@ -199,8 +210,8 @@ class ChatStream:
                 prompt = self._prompt_of(session)
                 prompt.clear()
                 await self._save(manager)
-                if self.pool is not None and self.pool.states is not None:
-                    await anyio.to_thread.run_sync(self.pool.states.discard, session.id)
+                if self.pool is not None:
+                    await self.pool.forget(session.id)
         except LlamaStreamError as exc:
             return error_response(exc)
         return JSONResponse({"status": "cleared"})
@@ -369,7 +380,7 @@ class ChatStream:
         if manager is None:
             return None
         token = await manager.store.lock(manager.session_id)
-        self._held_locks[manager.session_id] = (manager.store, token)
+        self._held_locks[manager.session_id] = _HeldLock(manager.store, token)
         try:
             await manager.reload()
         except BaseException:
@@ -381,7 +392,9 @@ class ChatStream:
     async def _unlock(self, manager: SessionManager | None, token: str | None) -> None:
         if manager is None or token is None:
             return
-        self._held_locks.pop(manager.session_id, None)
+        held = self._held_locks.get(manager.session_id)
+        if held is not None and held.token == token:
+            del self._held_locks[manager.session_id]
         try:
             await manager.store.unlock(manager.session_id, token)
         except LlamaStreamError:
@@ -402,17 +415,27 @@ class ChatStream:
             await manager.reload()
 
     async def _renew_locks(self) -> None:
-        """Keep the turn locks of running turns from expiring."""
+        """Keep the turn locks of running turns from expiring: each renewed every third of its
+        expiry, all at once (a slow store must not make the last of them late)."""
         while True:
-            ttls = [store.lock_ttl_s for store, _ in self._held_locks.values()]
-            await asyncio.sleep(min(ttls, default=15.0) / 3)
-            for session_id, (store, token) in list(self._held_locks.items()):
-                try:
-                    renewed = await store.renew(session_id, token)
-                    if not renewed and self._held_locks.get(session_id, (None, ""))[1] == token:
-                        logger.warning("session %s: its turn lock was lost", session_id[:8])
-                except LlamaStreamError:
-                    logger.warning("session %s: could not renew its turn lock", session_id[:8])
+            await asyncio.sleep(RENEW_TICK_S)
+            now = time.monotonic()
+            due = [
+                (session_id, held)
+                for session_id, held in list(self._held_locks.items())
+                if now - held.renewed_at >= held.store.lock_ttl_s / 3
+            ]
+            await asyncio.gather(*(self._renew(session_id, held) for session_id, held in due))
+
+    async def _renew(self, session_id: str, held: _HeldLock) -> None:
+        try:
+            renewed = await held.store.renew(session_id, held.token)
+        except Exception:
+            logger.warning("session %s: could not renew its turn lock", session_id[:8])
+            return
+        held.renewed_at = time.monotonic()
+        if not renewed and self._held_locks.get(session_id) is held:
+            logger.warning("session %s: its turn lock was lost", session_id[:8])
 
     def _prompt_of(self, session: Session) -> ChatPrompt:
         prompt = session.get(PROMPT_KEY)

@@ -83,7 +83,7 @@ def serve(settings: Settings) -> None:
 
         While draining, the server still answers: health says 503 so balancers stop sending,
         new requests get 503 + Retry-After, running streams get `shutdown_grace_s` to finish.
-        A second signal exits at once.
+        A second signal stops the running streams at once (partial replies saved).
         """
 
         _loop: asyncio.AbstractEventLoop | None = None
@@ -101,11 +101,21 @@ def serve(settings: Settings) -> None:
             await super().serve(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self._draining or self._loop is None or not self.started:
+            if self._loop is None or not self.started:
                 super().handle_exit(sig, frame)
+                return
+            if self._draining:
+                # Again: stop waiting for the streams; shutdown stops them now.
+                self._loop.call_soon_threadsafe(self._end_drain)
                 return
             self._draining = True
             self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+        def _end_drain(self) -> None:
+            task = getattr(self, "_drain_task", None)
+            if task is not None and not task.done():
+                logger.info("signal again: stopping the running streams now")
+                task.cancel()
 
         def _start_drain(self, sig: int, frame: FrameType | None) -> None:
             logger.info("signal %d: draining (grace %g s)", sig, settings.shutdown_grace_s)

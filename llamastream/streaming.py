@@ -203,9 +203,13 @@ class Runner:
         self.max_generation_s = max_generation_s
         self.metrics = metrics
         self.active: dict[str, Run] = {}
+        self._draining: Callable[[], LlamaStreamError] | None = None
 
     def response(self, pool: WorkerPool, run: Run) -> WatchedStreamResponse:
         """The response that runs ``run`` when the server calls it."""
+        self.active[run.id] = run
+        if self._draining is not None:
+            self.stop(run, self._draining())  # accepted while the server began to drain
         return WatchedStreamResponse(
             lambda send: self._produce(pool, run, send), lambda r: self._close(run, r)
         )
@@ -218,22 +222,27 @@ class Runner:
         if run.job is not None:
             run.job.cancel.set()
 
-    async def drain(self, grace_s: float, error: LlamaStreamError) -> None:
+    async def drain(self, grace_s: float, error: Callable[[], LlamaStreamError]) -> None:
         """Fail the queued runs now, give the running ones ``grace_s`` to finish, stop the rest.
 
-        Returns once every run has settled and called back.
+        Runs accepted from now on are stopped at once. Returns once every run has settled and
+        called back (or, should one never settle, after a bounded wait, with a warning).
         """
+        self._draining = error
         for run in list(self.active.values()):
             if not run.ticket.granted:
-                self.stop(run, error)
+                self.stop(run, error())
         deadline = time.monotonic() + grace_s
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for run in list(self.active.values()):
             logger.warning("generation %s: stopped by shutdown", run.id[:8])
-            self.stop(run, error)
-        while self.active:
+            self.stop(run, error())
+        deadline = time.monotonic() + 30
+        while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self.active:
+            logger.warning("%d generation(s) did not settle at shutdown", len(self.active))
 
     async def _produce(self, pool: WorkerPool, run: Run, send: Send) -> None:
         """Wait for a slot, run the job, and send its text as it comes.
@@ -241,7 +250,6 @@ class Runner:
         The run is settled (slot freed, ``on_settle`` done) before the last body message, so
         a client that has read the whole reply finds its effects in place.
         """
-        self.active[run.id] = run
         timer: asyncio.TimerHandle | None = None
         framing = run.framing
         try:
@@ -272,7 +280,7 @@ class Runner:
                         await send(_start(framing.head(run)))
                     await send(_body(framing.piece(run, text), more=True))
                     run.started = True
-            if run.error is None and run.stop_error is not None:
+            if run.error is None and run.stop_error is not None and _cut_short(run):
                 run.error = run.stop_error
             if run.error is None:
                 await self._settle(run, "success")
@@ -346,20 +354,31 @@ class Runner:
         if run.outcome is not None:
             return
         run.outcome = outcome
-        if run.job is not None:
-            run.job.cancel.set()
-            while not run.done:
-                run.take(await run.bridge.get())
-        run.ticket.release()
-        if run.on_settle is not None:
-            try:
-                await run.on_settle(run)
-            except Exception:
-                logger.exception("generation %s: settling failed", run.id[:8])
-                run.outcome = "unknown_error_occurred"
+        # Shielded: a client leaving (or the server cancelling) meanwhile must not cut the
+        # history save or the session unlock in half.
+        with anyio.CancelScope(shield=True):
+            if run.job is not None:
+                run.job.cancel.set()
+                while not run.done:
+                    run.take(await run.bridge.get())
+            run.ticket.release()
+            if run.on_settle is not None:
+                try:
+                    await run.on_settle(run)
+                except Exception:
+                    logger.exception("generation %s: settling failed", run.id[:8])
+                    run.outcome = "unknown_error_occurred"
 
     async def _close(self, run: Run, response: WatchedStreamResponse) -> None:
         """Every path ends here once: settle the run if the stream did not, then call back."""
+        try:
+            await self._finish(run, response)
+        finally:
+            self.active.pop(run.id, None)
+        if run.error is not None and not run.error_sent:
+            raise GenerationError("generation failed mid-stream") from run.error
+
+    async def _finish(self, run: Run, response: WatchedStreamResponse) -> None:
         if run.error is not None:
             outcome: CallbackMessage = "unknown_error_occurred"
         elif response.disconnected:
@@ -368,6 +387,10 @@ class Runner:
                 if run.started
                 else "client_disconnected_before_streaming"
             )
+        elif run.outcome is None and not (run.finished is not None and response.completed):
+            # Cancelled by the server (its graceful-shutdown timeout): not a whole reply.
+            run.error = GenerationError("the response was cut short by the server")
+            outcome = "unknown_error_occurred"
         else:
             outcome = "success"
         await self._settle(run, outcome)
@@ -383,9 +406,6 @@ class Runner:
         )
         self._record(run)
         await fire_callback(run.callback, run.request, run.outcome)
-        self.active.pop(run.id, None)
-        if run.error is not None and not run.error_sent:
-            raise GenerationError("generation failed mid-stream") from run.error
 
     def _record(self, run: Run) -> None:
         if self.metrics is None:
@@ -400,6 +420,11 @@ class Runner:
             decoding = time.monotonic() - (run.first_text_at or run.accepted_at)
             if run.finished.completion_tokens > 1 and decoding > 0:
                 m.tokens_per_second.observe(run.finished.completion_tokens / decoding)
+
+
+def _cut_short(run: Run) -> bool:
+    """Whether the run ended without its whole reply (a stop may land just after the end)."""
+    return run.finished is None or run.finished.reason == "cancelled"
 
 
 async def fire_callback(

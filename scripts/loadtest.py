@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import platform
 import random
 import shlex
 import socket
@@ -49,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import machine  # noqa: E402
 from make_tiny_gguf import write_tiny_gguf  # noqa: E402
 
 COOKIE = "llamastream_session"
@@ -156,17 +156,6 @@ def served(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
 def header(title: str) -> str:

@@ -17,6 +17,7 @@ logger = logging.getLogger("llamastream.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -63,10 +64,11 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             route = route_of(scope)
-            self.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
             logger.info(
-                "%s %s %d %.1f ms",
-                scope["method"],
+                "%s %r %d %.1f ms",  # %r: a path cannot forge log lines
+                method,
                 scope["path"],
                 status,
                 (time.monotonic() - started) * 1000,

@@ -537,7 +537,13 @@ def _nvidia_smi_gpus() -> list[DeviceMemory]:
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("nvidia-smi failed: %s", exc)
         return []
-    return parse_nvidia_smi(out, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    devices = parse_nvidia_smi(out, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if len({d.name for d in devices}) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        logger.warning(
+            "nvidia-smi numbers GPUs by PCI bus, CUDA fastest first: set "
+            "CUDA_DEVICE_ORDER=PCI_BUS_ID so that the memory check reads the right GPUs"
+        )
+    return devices
 
 
 def parse_nvidia_smi(out: str, visible: str | None = None) -> list[DeviceMemory]:

@@ -185,6 +185,13 @@ class WorkerPool:
             self.states.close()
             self.states = None
 
+    async def forget(self, key: str) -> None:
+        """Drop the conversation's saved cache, and never save its slot's cache again."""
+        for worker in self.workers:
+            worker.forget(key)
+        if self.states is not None:
+            await asyncio.to_thread(self.states.discard, key)
+
     async def saved_state(self, slot: int, tokens: list[int], key: str) -> SavedState | None:
         """The conversation's saved cache, when it holds more of ``tokens`` than ``slot`` does.
 

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import diskcache
+import llama_cpp
 
 from llamastream.engine.worker import SavedState
 
@@ -28,9 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 def model_fingerprint(model_path: Path, *parts: str) -> str:
-    """Identifies a model file (path, size, modification time) and the cache's format."""
+    """Identifies a model file (path, size, modification time), the cache's format and the
+    llama.cpp build that wrote it."""
     stat = model_path.stat()
-    text = "|".join([str(model_path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *parts])
+    build = str(getattr(llama_cpp, "__version__", ""))
+    text = "|".join(
+        [str(model_path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), build, *parts]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -61,6 +66,7 @@ class StateStore:
         self.ram_bytes = ram_bytes
         self._ram: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
         self._ram_used = 0
+        self._pending = 0  # bytes handed to the writer and not yet written
         self._ram_lock = threading.Lock()
         self._cache = diskcache.Cache(
             str(self.directory), size_limit=max_bytes, eviction_policy="least-recently-stored"
@@ -68,8 +74,17 @@ class StateStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="llamastream-kv-writer")
 
     def put(self, key: str, state: SavedState) -> None:
-        """Keep ``state`` in memory and write it to disk in the background (any thread)."""
+        """Keep ``state`` in memory and write it to disk in the background (any thread).
+
+        Writes waiting for the disk are bounded (``ram_bytes`` of them): past that, this
+        state is kept in memory only.
+        """
         self._remember(key, state)
+        with self._ram_lock:
+            if self._pending + len(state.data) > max(self.ram_bytes, 64 << 20):
+                logger.warning("the disk is behind on saved KV caches: one kept in memory only")
+                return
+            self._pending += len(state.data)
         self._writer.submit(self._write, key, state)
 
     def recall(self, key: str) -> SavedState | None:
@@ -97,11 +112,13 @@ class StateStore:
         return SavedState(tuple(tokens), value[1])
 
     def discard(self, key: str) -> None:
+        """Forget ``key``'s state, also one still waiting to be written (any thread)."""
         with self._ram_lock:
             state = self._ram.pop(key, None)
             if state is not None:
                 self._ram_used -= len(state.data)
-        self._cache.delete(self._key(key))
+        # Through the writer, so that a write queued before runs first and is deleted too.
+        self._writer.submit(self._cache.delete, self._key(key)).result()
 
     def _remember(self, key: str, state: SavedState) -> None:
         with self._ram_lock:
@@ -126,6 +143,8 @@ class StateStore:
 
     def _write(self, key: str, state: SavedState) -> None:
         try:
+            with self._ram_lock:
+                self._pending -= len(state.data)
             tokens = array("i", state.tokens).tobytes()
             self._cache.set(self._key(key), (tokens, state.data))
             logger.debug(

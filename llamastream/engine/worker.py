@@ -188,6 +188,14 @@ class Worker:
         cached = self._cached[seq]
         return common_prefix(cached, tokens), len(cached)
 
+    def forget(self, cache_key: str) -> None:
+        """Never save the caches of ``cache_key`` again (its conversation was cleared)."""
+
+        def forget() -> None:
+            self._owner = [None if o == cache_key else o for o in self._owner]
+
+        self.call(forget)
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the worker's thread between two steps."""
         self._inbox.put(fn)

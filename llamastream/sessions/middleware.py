@@ -43,6 +43,10 @@ class SessionManager:
     async def reload(self) -> Session:
         """Read the stored record again (another request or replica may have changed it)."""
         stored = await self.store.load(self.session.id)
+        if stored is None and not self.loaded:
+            # The id came from a cookie the store could not check: it names no session, so
+            # it is not taken as one (ids are the server's to issue).
+            raise SessionStoreError("the session store was unavailable; please retry")
         if stored is not None:
             self.session.clear()
             self.session.update(stored)

@@ -265,7 +265,11 @@ class RedisSessionStore:
             self._redis.set(self._lock_key(session_id), token, nx=True, px=_ms(self.lock_ttl_s))
         )
         if not taken:
-            raise SessionBusyError("another request of this session is still running")
+            # A retried SET (the first one's reply lost with its connection) finds our own
+            # token: the lock is ours.
+            holder = await self._call(self._redis.get(self._lock_key(session_id)))
+            if holder is None or _text(holder) != token:
+                raise SessionBusyError("another request of this session is still running")
         return token
 
     async def renew(self, session_id: str, token: str) -> bool:

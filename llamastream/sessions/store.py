@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +139,7 @@ class DiskSessionStore:
     async def lock(self, session_id: str) -> str:
         # The holder's pid in the token: a lock left by a process that died (kill -9) on this
         # machine is taken over at once instead of blocking the session until it expires.
-        token = f"{os.getpid()}:{secrets.token_hex(16)}"
+        token = f"{_HOST}:{os.getpid()}:{secrets.token_hex(16)}"
         if not await _blocking(self._lock, session_id, token):
             raise SessionBusyError("another request of this session is still running")
         return token
@@ -178,20 +179,23 @@ class DiskSessionStore:
         while len(self._cache) > self.max_count or (
             len(self._cache) > 1 and self._cache.volume() > self.max_bytes
         ):
-            oldest, _ = self._cache.peekitem(last=False)
-            if oldest == key:
-                break
-            logger.info("session store cap reached: evicting the least recently saved")
-            self._cache.delete(oldest)
+            # Peek and delete in one transaction: a session saved again in between (it moves
+            # to the end) must not be the one deleted.
+            with self._cache.transact():
+                oldest, _ = self._cache.peekitem(last=False)
+                if oldest == key:
+                    break
+                self._cache.delete(oldest)
+            logger.info("session store cap reached: evicted the least recently saved")
 
     def _lock(self, session_id: str, token: str) -> bool:
         key = _key(session_id)
         with self._locks.transact():
             if self._locks.add(key, token, self.lock_ttl_s):
                 return True
-            holder = str(self._locks.get(key, ""))
-            if _alive(holder.partition(":")[0]):
-                return False
+            host, _, rest = str(self._locks.get(key, "")).partition(":")
+            if host != _HOST or _alive(rest.partition(":")[0]):
+                return False  # only a dead process of this machine (and pid namespace) yields
             logger.warning("session %s: taking over the lock of a dead process", session_id[:8])
             return bool(self._locks.set(key, token, self.lock_ttl_s))
 
@@ -216,6 +220,18 @@ async def _blocking(func: Callable[..., T], *args: Any) -> T:
         raise SessionStoreError(f"the session store is unavailable: {exc}") from exc
 
 
+def _host_id() -> str:
+    """This machine and pid namespace: pids are only comparable within one."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}".replace(":", "_")
+
+
+_HOST = _host_id()
+
+
 def _alive(pid_text: str) -> bool:
     """Whether the process of that pid lives (unknown pids count as alive: no takeover)."""
     if not pid_text.isdigit():
@@ -235,20 +251,14 @@ def _key(session_id: str) -> str:
 
 def open_store(settings: Settings) -> SessionStore:
     """The session store Settings ask for (`session_backend`)."""
+    limits: dict[str, Any] = {
+        "ttl_s": settings.session_ttl_s,
+        "max_count": settings.session_max_count,
+        "max_bytes": settings.session_max_bytes,
+        "lock_ttl_s": settings.session_lock_ttl_s,
+    }
     if settings.session_backend == "redis":
         from llamastream.sessions.redis_store import RedisSessionStore
 
-        return RedisSessionStore(
-            settings.redis_url,
-            ttl_s=settings.session_ttl_s,
-            max_count=settings.session_max_count,
-            max_bytes=settings.session_max_bytes,
-            lock_ttl_s=settings.session_lock_ttl_s,
-        )
-    return DiskSessionStore(
-        settings.session_dir,
-        ttl_s=settings.session_ttl_s,
-        max_count=settings.session_max_count,
-        max_bytes=settings.session_max_bytes,
-        lock_ttl_s=settings.session_lock_ttl_s,
-    )
+        return RedisSessionStore(settings.redis_url, **limits)
+    return DiskSessionStore(settings.session_dir, **limits)

@@ -20,7 +20,11 @@ def conversation(settings: dict[str, Any]) -> tuple[list[str], int, int]:
     """Two conversations on one slot, alternating; the replies and the worker's figures."""
     with server(settings) as (live, app), live.client() as alice, live.client() as bob:
         replies = []
-        for client, text in [(alice, QUESTION), (bob, "Write a short poem about the sea and the wind."), (alice, "And its food?")]:
+        for client, text in [
+            (alice, QUESTION),
+            (bob, "Write a short poem about the sea and the wind."),
+            (alice, "And its food?"),
+        ]:
             response = chat(client, user_input=text)
             assert response.status_code == 200
             replies.append(response.text)

@@ -410,3 +410,29 @@ def test_a_client_leaving_during_prompt_evaluation(settings_kwargs: dict[str, An
             wait_idle(client)
             assert prompt_of(client) == before
             assert chat(client, user_input="next").status_code == 200
+
+
+def test_a_cookie_the_store_could_not_check_is_never_adopted(
+    settings_kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with server(settings_kwargs) as (live, app):
+        cache = app.state.session_store._cache
+        real_get = cache.get
+        failures = iter([True])
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            if next(failures, False):  # the middleware's load fails, the store then recovers
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_get(*args, **kwargs)
+
+        monkeypatch.setattr(cache, "get", flaky)
+        chosen = {"cookie": "llamastream_session=chosen-by-the-client"}
+        with live.client(headers=chosen) as client:
+            refused = chat(client, user_input="hi")
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "session_store_unavailable"
+        assert real_get("session:chosen-by-the-client") is None  # no record under that id
+        with live.client(headers=chosen) as client:
+            answer = chat(client, user_input="hi")  # the store works: a server-issued id
+            assert answer.status_code == 200
+            assert answer.cookies["llamastream_session"] != "chosen-by-the-client"

@@ -12,7 +12,7 @@ import pytest
 
 from llamastream.chat.prompt import ChatPrompt
 from llamastream.errors import SessionBusyError, SessionStoreError
-from llamastream.sessions.store import DiskSessionStore, Session, new_session_id
+from llamastream.sessions.store import _HOST, DiskSessionStore, Session, new_session_id
 
 
 async def test_session_with_a_chat_prompt_survives_reopening(tmp_path: Path) -> None:
@@ -130,9 +130,13 @@ async def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     store = DiskSessionStore(tmp_path, lock_ttl_s=60)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    store._locks.set("session:s1", f"{dead.pid}:left-by-kill-9", expire=60)
-    store._locks.set("session:s2", f"{os.getpid()}:held-by-a-live-process", expire=60)
+    host = _HOST
+    store._locks.set("session:s1", f"{host}:{dead.pid}:left-by-kill-9", expire=60)
+    store._locks.set("session:s2", f"{host}:{os.getpid()}:held-by-a-live-process", expire=60)
+    # Another machine's (or container's) pid says nothing here: never taken over.
+    store._locks.set("session:s3", f"elsewhere/1:{dead.pid}:other-host", expire=60)
     await store.lock("s1")
-    with pytest.raises(SessionBusyError):
-        await store.lock("s2")
+    for held in ("s2", "s3"):
+        with pytest.raises(SessionBusyError):
+            await store.lock(held)
     await store.close()
