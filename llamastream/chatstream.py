@@ -332,7 +332,10 @@ class ChatStream:
             finally:
                 await self._unlock(manager, lock)
 
-        key = session.id if manager is not None else None
+        # Only conversations under way have their cache saved when they lose their slot: most
+        # first turns are never continued, and saving costs the worker a pause.
+        under_way = any(m.role == "assistant" for m in before)
+        key = session.id if manager is not None and under_way else None
         return Run(
             request,
             tokens,

@@ -404,12 +404,14 @@ def conversation_key(req: ChatCompletionRequest | CompletionRequest) -> str | No
     """Which conversation a stateless chat request continues, for its saved KV cache.
 
     /v1 clients resend the whole history, so a conversation is known by how it begins: its
-    messages up to the first user message, and the ``user`` field. Conversations that begin
-    alike share a key, which costs at most a miss: a saved cache is restored only into a
-    prompt it is a prefix of.
+    messages up to the first user message, and the ``user`` field; None for a first turn.
+    Conversations that begin alike share a key, which costs at most a miss: a saved cache is
+    restored only into a prompt it is a prefix of.
     """
     if not isinstance(req, ChatCompletionRequest):
         return None
+    if not any(m.role == "assistant" for m in req.messages):
+        return None  # a first turn: most are never continued, saving its cache costs a pause
     head = []
     for message in req.messages:
         head.append([message.role, message.text()])

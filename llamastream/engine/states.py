@@ -2,8 +2,8 @@
 
 When a conversation's slot goes to another conversation, the worker hands its cache to
 `StateStore.put`: it is kept in memory (the most recent, up to ``ram_bytes``) and written to
-disk by a thread of its own (so decoding never waits for the disk, and caches outlive memory
-and restarts); when
+disk by a thread of its own when it leaves memory or the server stops (so decoding never waits
+for the disk, and caches outlive memory and restarts); when
 the conversation comes back to a slot that does not hold its history, `get` returns the cache
 for the worker to restore. Keys carry a fingerprint of the model file and KV-cache types, so a
 cache is never restored under another model; the worker restores a cache only when its tokens
@@ -74,15 +74,19 @@ class StateStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="llamastream-kv-writer")
 
     def put(self, key: str, state: SavedState) -> None:
-        """Keep ``state`` in memory and write it to disk in the background (any thread).
+        """Keep ``state`` (any thread): in memory while it is among the most recent
+        ``ram_bytes``, on disk once it leaves memory or the store closes.
 
-        Writes waiting for the disk are bounded (``ram_bytes`` of them): past that, this
-        state is kept in memory only.
+        Most conversations that lose their slot come back soon or never; neither needs a disk
+        write. Writes waiting for the disk are bounded: past that, a state is dropped.
         """
-        self._remember(key, state)
+        for spilled_key, spilled in self._remember(key, state):
+            self._queue_write(spilled_key, spilled)
+
+    def _queue_write(self, key: str, state: SavedState) -> None:
         with self._ram_lock:
             if self._pending + len(state.data) > max(self.ram_bytes, 64 << 20):
-                logger.warning("the disk is behind on saved KV caches: one kept in memory only")
+                logger.warning("the disk is behind on saved KV caches: one was dropped")
                 return
             self._pending += len(state.data)
         self._writer.submit(self._write, key, state)
@@ -120,31 +124,43 @@ class StateStore:
         # Through the writer, so that a write queued before runs first and is deleted too.
         self._writer.submit(self._cache.delete, self._key(key)).result()
 
-    def _remember(self, key: str, state: SavedState) -> None:
+    def _remember(self, key: str, state: SavedState) -> list[tuple[str, SavedState]]:
+        """Keep ``state`` in memory; returns what memory cannot hold (this state, or older)."""
         with self._ram_lock:
             old = self._ram.pop(key, None)
             if old is not None:
                 self._ram_used -= len(old.data)
             if len(state.data) > self.ram_bytes:
-                return
+                return [(key, state)]
             self._ram[key] = state
             self._ram_used += len(state.data)
+            spilled = []
             while self._ram_used > self.ram_bytes:
-                _, evicted = self._ram.popitem(last=False)
+                evicted_key, evicted = self._ram.popitem(last=False)
                 self._ram_used -= len(evicted.data)
+                spilled.append((evicted_key, evicted))
+            return spilled
 
     def flush(self) -> None:
-        """Wait until every state handed over so far is written."""
+        """Wait until the disk writes queued so far are done."""
         self._writer.submit(lambda: None).result()
 
     def close(self) -> None:
+        """Write what is only in memory to disk (it outlives a restart), then close."""
+        with self._ram_lock:
+            kept = list(self._ram.items())
+            self._ram.clear()
+            self._ram_used = 0
+        for key, state in kept:
+            self._writer.submit(self._write, key, state, queued=False)
         self._writer.shutdown(wait=True)
         self._cache.close()
 
-    def _write(self, key: str, state: SavedState) -> None:
+    def _write(self, key: str, state: SavedState, *, queued: bool = True) -> None:
         try:
-            with self._ram_lock:
-                self._pending -= len(state.data)
+            if queued:
+                with self._ram_lock:
+                    self._pending -= len(state.data)
             tokens = array("i", state.tokens).tobytes()
             self._cache.set(self._key(key), (tokens, state.data))
             logger.debug(

@@ -17,11 +17,13 @@ QUESTION = "Tell me about the history of the city of Paris, its rivers, bridges 
 
 
 def conversation(settings: dict[str, Any]) -> tuple[list[str], int, int]:
-    """Two conversations on one slot, alternating; the replies and the worker's figures."""
+    """Two conversations on one slot; the replies and the worker's figures. Alice's
+    conversation is under way (two turns) when Bob takes the slot, so its cache is saved."""
     with server(settings) as (live, app), live.client() as alice, live.client() as bob:
         replies = []
         for client, text in [
             (alice, QUESTION),
+            (alice, "Go on, briefly."),
             (bob, "Write a short poem about the sea and the wind."),
             (alice, "And its food?"),
         ]:
