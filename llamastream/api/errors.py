@@ -16,10 +16,7 @@ def error_response(exc: LlamaStreamError) -> JSONResponse:
     body: dict[str, Any] = {"error": exc.code, "message": exc.message}
     if exc.field is not None:
         body["field"] = exc.field
-    headers = {"Cache-Control": "no-store"}
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(exc.retry_after)
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+    return JSONResponse(body, status_code=exc.status_code, headers=_headers(exc))
 
 
 def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
@@ -65,9 +62,14 @@ def openai_error_response(exc: LlamaStreamError) -> JSONResponse:
             "code": exc.code,
         }
     }
+    return JSONResponse(body, status_code=exc.status_code, headers=_headers(exc))
+
+
+def _headers(exc: LlamaStreamError) -> dict[str, str]:
+    """The headers of every error answer, native or OpenAI-shaped."""
     headers = {"Cache-Control": "no-store"}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if exc.status_code == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+    return headers
