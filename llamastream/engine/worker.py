@@ -13,6 +13,7 @@ Only the worker's own thread touches its model and context.
 from __future__ import annotations
 
 import codecs
+import collections
 import ctypes
 import logging
 import queue
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 
 from llamastream.engine.gpu import Offload
@@ -33,6 +35,15 @@ from llamastream.engine.stops import StopScanner
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+PENALTY_LAST_N = 64  # generated tokens the repetition penalties look back on
+# Borrowing another sequence's cache for a shared prompt prefix copies the donor's whole
+# sequence out and in: worth it from this many shared tokens, and while the donor holds at
+# most this many tokens per token gained (reading a token costs far more than copying its
+# cache on a CPU; on a GPU reading is cheap and the copy crosses the bus twice).
+MIN_BORROWED_TOKENS = 16
+BORROW_RATIO_CPU = 64
+BORROW_RATIO_GPU = 4
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,12 @@ class _Slot:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopScanner(job.params.stop)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
+        p = job.params
+        penalized = p.repeat_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+        # The last generated tokens, for the repetition penalties (None: no penalties).
+        self.recent: collections.deque[int] | None = (
+            collections.deque(maxlen=PENALTY_LAST_N) if penalized else None
+        )
 
 
 class Worker:
@@ -159,11 +176,19 @@ class Worker:
         self._cached: list[list[int]] = [[] for _ in range(n_slots)]
         self._owner: list[str | None] = [None] * n_slots  # whose conversation each cache holds
         self.restored_tokens = 0  # prompt tokens taken from restored caches
+        self.borrowed_tokens = 0  # prompt tokens copied from another sequence's cache
         self._active: dict[int, _Slot] = {}
         self.prompt_tokens = 0  # prompt tokens received, and how many of them were already cached
         self.reused_tokens = 0
-        self._samplers = ThreadPoolExecutor(
-            max(1, min(n_slots, 8)), thread_name_prefix=f"llamastream-sample-{index}"
+        on_gpu = self.offload.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        self._borrow_ratio = BORROW_RATIO_GPU if on_gpu else BORROW_RATIO_CPU
+        # On a GPU, sampling over a large vocabulary is the step's CPU cost: the slots sample
+        # in parallel threads (llama.cpp releases the GIL). On a CPU the decode threads
+        # already use the cores, and handing the slots to threads only adds switches.
+        self._samplers = (
+            ThreadPoolExecutor(min(n_slots, 8), thread_name_prefix=f"llamastream-sample-{index}")
+            if on_gpu and n_slots > 1
+            else None
         )
 
     # control, from any thread
@@ -205,7 +230,8 @@ class Worker:
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join()
-        self._samplers.shutdown(wait=True)
+        if self._samplers is not None:
+            self._samplers.shutdown(wait=True)
 
     # the worker's thread
 
@@ -334,6 +360,8 @@ class Worker:
         if job.restore is not None and len(job.restore.tokens) > held:
             restored = self._restore_state(seq, job.restore, tokens)
             held = held if restored < 0 else restored
+        if held < len(tokens) - 1:
+            held = self._borrow_prefix(seq, tokens, held)
         self._owner[seq] = job.cache_key
         common = min(held, len(tokens) - 1)  # the last prompt token is decoded for its logits
         if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, common, -1):
@@ -390,16 +418,48 @@ class Worker:
         logger.debug("worker %d slot %d: restored %d cached tokens", self.index, seq, n)
         return n
 
+    def _borrow_prefix(self, seq: int, tokens: list[int], held: int) -> int:
+        """Copy the cache of the longest prefix of ``tokens`` another sequence holds (a system
+        prompt that new conversations share) into ``seq``; returns the tokens ``seq`` now holds.
+        """
+        # The donor sharing the most; of those, the one holding least (the cheapest copy).
+        limit = len(tokens) - 1  # the last prompt token is decoded for its logits
+        shared, donor_len, donor = max(
+            (
+                (min(common_prefix(cached, tokens), limit), -len(cached), other)
+                for other, cached in enumerate(self._cached)
+                if other != seq
+            ),
+            default=(0, 0, -1),
+        )
+        gain = shared - held
+        if gain < MIN_BORROWED_TOKENS or -donor_len > self._borrow_ratio * gain:
+            return held
+        assert self._ctx is not None
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, donor)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, donor)
+        if written == 0:
+            return held
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+        self._cached[seq].clear()
+        if llama_cpp.llama_state_seq_set_data(ctx, buffer, written, seq) == 0:
+            logger.warning("worker %d slot %d: could not copy a shared prefix", self.index, seq)
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+            return 0
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, shared, -1)
+        self._cached[seq].extend(self._cached[donor][:shared])
+        self.borrowed_tokens += gain
+        logger.debug(
+            "worker %d slot %d: %d tokens copied from slot %d", self.index, seq, shared, donor
+        )
+        return shared
+
     def _sampler(self, params: SamplingParams) -> internals.LlamaSampler:
+        """The slot's sampler chain (the repetition penalties come before it: `_penalize`)."""
         assert self._model is not None
         sampler = internals.LlamaSampler()
-        sampler.add_penalties(
-            self._n_vocab,
-            64,
-            params.repeat_penalty,
-            params.frequency_penalty,
-            params.presence_penalty,
-        )
         if params.grammar:
             grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
             sampler.add_grammar(self._model, grammar)
@@ -456,7 +516,7 @@ class Worker:
             del slot.pending[:count]
         sampling = [slot for slot, _ in fed if slot.logits_at >= 0]
         tokens: list[int | BaseException]
-        if len(sampling) > 1:
+        if len(sampling) > 1 and self._samplers is not None:
             tokens = list(self._samplers.map(self._sample, sampling))
         else:
             tokens = [self._sample(slot) for slot in sampling]
@@ -478,9 +538,31 @@ class Worker:
     def _sample(self, slot: _Slot) -> int | BaseException:
         assert self._ctx is not None
         try:
+            if slot.recent:
+                self._penalize(slot)
             return slot.sampler.sample(self._ctx, slot.logits_at)
         except Exception as exc:  # a grammar with no way forward, for one
             return exc
+
+    def _penalize(self, slot: _Slot) -> None:
+        """Apply the repetition, frequency and presence penalties to the slot's logits.
+
+        llama.cpp's penalties sampler looks every vocabulary entry up in a hash map (about
+        50,000 lookups per token for a 49K vocabulary); the same arithmetic on just the
+        recently generated tokens, in place in the context's logits, gives the same logits.
+        """
+        assert self._ctx is not None and slot.recent is not None
+        p = slot.job.params
+        counts = collections.Counter(slot.recent)
+        ids = np.fromiter(counts.keys(), dtype=np.intc, count=len(counts))
+        n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, slot.logits_at)
+        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+        picked = logits[ids]
+        repeat = np.float32(p.repeat_penalty)
+        picked = np.where(picked <= 0, picked * repeat, picked / repeat)
+        frequency, presence = np.float32(p.frequency_penalty), np.float32(p.presence_penalty)
+        logits[ids] = picked - (n * frequency + presence)
 
     def _after_sample(self, slot: _Slot, token: int | BaseException) -> None:
         assert self._model is not None
@@ -488,6 +570,8 @@ class Worker:
         if isinstance(token, BaseException):
             self._end(slot, Failed(token))
             return
+        if slot.recent is not None:
+            slot.recent.append(token)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not job.params.ignore_eos:
             self._end(slot, self._flush(slot, "stop"))
             return

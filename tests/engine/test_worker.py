@@ -214,3 +214,117 @@ def test_a_saved_cache_restores_into_another_slot_exactly(tiny_model: Path) -> N
     finally:
         w.stop()
         fresh.stop()
+
+
+def _reference_reply(model_path: Path, tokens: list[int], params: SamplingParams) -> str:
+    """The reply llama.cpp's own sampler chain gives (its penalties sampler included), one
+    sequence, token by token: what the worker's own penalties must reproduce."""
+    import codecs
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _internals as internals
+
+    model = internals.LlamaModel(
+        path_model=str(model_path), params=llama_cpp.llama_model_default_params(), verbose=False
+    )
+    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params.n_ctx, ctx_params.n_batch, ctx_params.n_threads = 1024, 512, 1
+    ctx = internals.LlamaContext(model=model, params=ctx_params, verbose=False)
+    batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1)
+    vocab = llama_cpp.llama_model_get_vocab(model.model)
+    sampler = internals.LlamaSampler()
+    sampler.add_penalties(
+        model.n_vocab(),
+        64,
+        params.repeat_penalty,
+        params.frequency_penalty,
+        params.presence_penalty,
+    )
+    if params.temperature <= 0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(params.top_k)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_temp(params.temperature)
+        sampler.add_dist(params.seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = []
+    try:
+        batch.set_batch(tokens, n_past=0, logits_all=False)
+        ctx.decode(batch)
+        for i in range(params.max_new_tokens):
+            token = sampler.sample(ctx, -1)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            piece = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, False)
+            text.append(decoder.decode(piece.raw[:n]))
+            batch.set_batch([token], n_past=len(tokens) + i, logits_all=False)
+            ctx.decode(batch)
+        text.append(decoder.decode(b"", final=True))
+    finally:
+        sampler.close()
+        batch.close()
+        ctx.close()
+        model.close()
+    return "".join(text)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_new_tokens=80, repeat_penalty=1.5),
+        SamplingParams(
+            temperature=0,
+            max_new_tokens=80,
+            repeat_penalty=1.2,
+            frequency_penalty=0.7,
+            presence_penalty=0.5,
+        ),
+        SamplingParams(
+            temperature=0.8, top_k=20, max_new_tokens=80, repeat_penalty=1.3, seed=5
+        ),
+    ],
+    ids=["repeat", "repeat-frequency-presence", "sampled"],
+)
+def test_repetition_penalties_match_llama_cpp(
+    worker: Worker, prompt: list[int], tiny_model: Path, params: SamplingParams
+) -> None:
+    """The worker applies the penalties itself (llama.cpp's sampler looks up every vocabulary
+    entry); the replies must be those of llama.cpp's own penalties sampler."""
+    expected = _reference_reply(tiny_model, prompt, params)
+    got = _text(run(worker, prompt, params))
+    assert got == expected
+    # The penalties do change this reply: the comparison above is not vacuous.
+    plain = params.updated(repeat_penalty=1.0)
+    plain = SamplingParams(**{**plain.__dict__, "frequency_penalty": 0, "presence_penalty": 0})
+    assert _text(run(worker, prompt, plain)) != got
+
+
+def test_a_shared_prompt_prefix_is_copied_from_another_slot(tiny_model: Path) -> None:
+    """A new conversation whose prompt starts like one another slot holds (a shared system
+    prompt) copies that cache instead of reading it again, and replies exactly as if it had
+    read it; a short shared prefix is not worth a copy."""
+    w = Worker(0, str(tiny_model), n_slots=3, n_ctx=2048, n_batch=64, n_threads=1)
+    fresh = Worker(1, str(tiny_model), n_slots=1, n_ctx=2048, n_batch=64, n_threads=1)
+    w.start().result(30)
+    fresh.start().result(30)
+    try:
+        greedy = SamplingParams(temperature=0, max_new_tokens=24, seed=1)
+        system = [1, *range(100, 160)]  # 61 tokens every conversation starts with
+        run(w, [*system, *range(10, 40)], greedy, seq=0)
+        before = w.borrowed_tokens
+        second = [*system, *range(40, 70)]
+        reply = run(w, second, greedy, seq=1)
+        assert w.borrowed_tokens - before == len(system)
+        assert _text(reply) == _text(run(fresh, second, greedy))
+        assert w.prefix_match(1, second)[0] >= len(system)
+        # Sharing only a few tokens: the slot reads its prompt itself.
+        before = w.borrowed_tokens
+        third = [*system[:8], *range(170, 230)]
+        assert _text(run(w, third, greedy, seq=2)) == _text(run(fresh, third, greedy))
+        assert w.borrowed_tokens == before
+    finally:
+        w.stop()
+        fresh.stop()
