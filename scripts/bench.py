@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import statistics
@@ -39,6 +40,9 @@ import httpx
 from llamastream.chat.templates import ChatTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
+# The same sampling work for every server: greedy, no repetition penalty (llama-server's
+# default; llamastream's and llama-cpp-python's default penalty is 1.1).
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 TOPICS = ["a lighthouse", "a robot", "the sea", "a mountain", "a library", "a city", "a garden"]
 
 
@@ -159,7 +163,7 @@ def request_body(i: int, args: argparse.Namespace, extra: dict[str, Any]) -> dic
         "model": args.model_id,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": args.tokens,
-        "temperature": 0,
+        **GREEDY,
         "stream": True,
         "stream_options": {"include_usage": True},
         **extra,
@@ -215,7 +219,7 @@ async def measure_multi_turn(
                     "model": args.model_id,
                     "messages": history,
                     "max_tokens": args.reply_tokens,
-                    "temperature": 0,
+                    **GREEDY,
                     "stream": True,
                     **extra,
                 }
@@ -314,6 +318,14 @@ def main() -> None:
         help="also measure llamastream with kv_state_bytes=0 (caches of conversations that "
         "lost their slot are not saved)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="also measure llamastream started with these extra arguments, e.g. "
+        "'no flash attention=--flash-attn off' (repeatable)",
+    )
     args = parser.parse_args()
     args.model_id = args.model.stem
     args.out.mkdir(parents=True, exist_ok=True)
@@ -352,11 +364,14 @@ def main() -> None:
             "warning",
         ]
         targets.append(("llamastream", cmd, {"ignore_eos": True}, port))
+        variants = [v.partition("=")[::2] for v in args.variant]
         if args.without_saved_caches:
+            variants.insert(0, ("no saved caches", "--kv-state-bytes 0"))
+        for label, extra_args in variants:
             port = free_port()
-            plain = [*cmd, "--kv-state-bytes", "0", "--port", str(port)]
-            plain[plain.index("--session-dir") + 1] = tempfile.mkdtemp(dir=log_dir)
-            targets.append(("llamastream, no saved caches", plain, {"ignore_eos": True}, port))
+            variant = [*cmd, *shlex.split(extra_args), "--port", str(port)]
+            variant[variant.index("--session-dir") + 1] = tempfile.mkdtemp(dir=log_dir)
+            targets.append((f"llamastream, {label}", variant, {"ignore_eos": True}, port))
     port = free_port()
     if "llama-cpp-python" in wanted:
         cmd = [
@@ -407,7 +422,7 @@ def main() -> None:
         results["raw llama-cpp-python (in-process)"] = [raw_floor(args)]
     for name, cmd, extra, port in targets:
         print(f"{name} …", flush=True)
-        with server(name.split()[0], cmd, port, log_dir) as url:
+        with server(re.sub(r"\W+", "-", name), cmd, port, log_dir) as url:
             asyncio.run(
                 measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
             )  # warm-up
@@ -440,8 +455,8 @@ def write_report(
         f"- Machine: {machine()}",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Model: `{args.model.name}`; {args.tokens} generated tokens per request (end of "
-        f"sequence suppressed), greedy; {args.slots} slots of {args.n_ctx} tokens; "
-        f"{args.rounds} requests per client.",
+        f"sequence suppressed), greedy, no repetition penalty; {args.slots} slots of "
+        f"{args.n_ctx} tokens; {args.rounds} requests per client.",
         "",
         "| server | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) "
         "| broken | refused | requests |",
