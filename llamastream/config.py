@@ -81,9 +81,7 @@ class Settings(BaseSettings):
         "memory. Command line: comma-separated.",
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="Flash attention (auto: llama.cpp's choice on a GPU; off on a CPU, where it "
-        "reads a chat's next turn more slowly, unless a quantized V cache needs it).",
+        "auto", description="Flash attention (auto: where the backend supports it)."
     )
     offload_kqv: bool = Field(
         True, description="Keep the KV cache and attention on the GPU with offloaded layers."

@@ -428,21 +428,6 @@ class Offload:
         if self.tensor_split is not None and len(self.tensor_split) > llama_cpp.LLAMA_MAX_DEVICES:
             raise ValueError(f"tensor_split names more than {llama_cpp.LLAMA_MAX_DEVICES} GPUs")
 
-    @property
-    def on_gpu(self) -> bool:
-        """Whether the model's layers go to a GPU (a GPU build and n_gpu_layers not 0)."""
-        return self.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
-
-    @property
-    def effective_flash_attn(self) -> FlashAttn:
-        """``auto`` is llama.cpp's choice on a GPU, and off on a CPU unless a quantized V cache
-        needs it: llama.cpp's CPU flash attention reads a short prompt chunk against a long
-        history (a chat's next turn) about 1.3-1.6x slower than plain attention on the CPUs we
-        measured, while decoding is about as fast (docs/benchmarks/)."""
-        if self.flash_attn != "auto" or self.on_gpu or self.type_v not in ("f32", "f16", "bf16"):
-            return self.flash_attn
-        return "off"
-
     def pinned(self, gpu: int) -> Offload:
         """The same parameters, with the whole model on GPU ``gpu`` (split mode none)."""
         return replace(
@@ -461,7 +446,7 @@ class Offload:
         return split
 
     def apply_context(self, params: llama_cpp.llama_context_params) -> None:
-        params.flash_attn_type = FLASH_ATTN_TYPES[self.effective_flash_attn]
+        params.flash_attn_type = FLASH_ATTN_TYPES[self.flash_attn]
         params.offload_kqv = self.offload_kqv
         params.type_k = GGML_TYPE_IDS[self.type_k]
         params.type_v = GGML_TYPE_IDS[self.type_v]

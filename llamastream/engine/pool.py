@@ -139,7 +139,7 @@ class WorkerPool:
             )
             self.placements = []
         else:
-            check_kv_types(shape, offload.type_k, offload.type_v, offload.effective_flash_attn)
+            check_kv_types(shape, offload.type_k, offload.type_v, offload.flash_attn)
             free = {d.index: float(d.free) for d in devices}
             self.placements = [
                 plan_placement(

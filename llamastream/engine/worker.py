@@ -180,7 +180,7 @@ class Worker:
         self._active: dict[int, _Slot] = {}
         self.prompt_tokens = 0  # prompt tokens received, and how many of them were already cached
         self.reused_tokens = 0
-        on_gpu = self.offload.on_gpu
+        on_gpu = self.offload.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         self._borrow_ratio = BORROW_RATIO_GPU if on_gpu else BORROW_RATIO_CPU
         # On a GPU, sampling over a large vocabulary is the step's CPU cost: the slots sample
         # in parallel threads (llama.cpp releases the GIL). On a CPU the decode threads
@@ -263,9 +263,9 @@ class Worker:
                 raise RuntimeError(
                     f"worker {self.index}: llama.cpp could not create a context of "
                     f"{self.n_slots} x {self.n_ctx} tokens with type_k={offload.type_k}, "
-                    f"type_v={offload.type_v}, flash_attn={offload.effective_flash_attn} "
-                    "(does the KV cache fit? a quantized KV cache with flash attention needs a "
-                    "head size that is a multiple of 32; a quantized type_v needs flash attention)"
+                    f"type_v={offload.type_v}, flash_attn={offload.flash_attn} (does the KV "
+                    "cache fit? a quantized KV cache with flash attention needs a head size "
+                    "that is a multiple of 32; a quantized type_v needs flash attention)"
                 ) from exc
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)

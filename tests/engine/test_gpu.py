@@ -273,29 +273,6 @@ def test_refusal_sums_workers_sharing_a_gpu_and_names_a_missing_one() -> None:
         check_fits([one, other], [card], 512 * MIB)
 
 
-def test_auto_flash_attention_is_off_on_a_cpu_unless_a_quantized_v_needs_it() -> None:
-    def resolved(offload: Offload) -> int:
-        ctx = llama_cpp.llama_context_default_params()
-        offload.apply_context(ctx)
-        return int(ctx.flash_attn_type)
-
-    assert not Offload(n_gpu_layers=0).on_gpu
-    assert resolved(Offload(n_gpu_layers=0)) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    assert resolved(Offload(n_gpu_layers=0, type_v="q8_0")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-    assert resolved(Offload(n_gpu_layers=0, flash_attn="on")) == (
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    )
-    # On a GPU (only where this build has one), auto stays llama.cpp's choice.
-    on_gpu = Offload(n_gpu_layers=-1)
-    assert on_gpu.on_gpu == bool(llama_cpp.llama_supports_gpu_offload())
-    expected = (
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        if on_gpu.on_gpu
-        else (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    )
-    assert resolved(on_gpu) == expected
-
-
 def test_offload_parameters_reach_llama_cpp() -> None:
     offload = Offload(
         n_gpu_layers=-1,
@@ -441,19 +418,17 @@ async def test_least_loaded_worker_takes_new_conversations(tiny_model: Path) -> 
 
 async def test_q8_0_keys_load_and_generate_on_the_cpu(tiny_model: Path) -> None:
     # heads of 16 hold half a q8_0 block: llama.cpp allows that only without flash attention
-    pool = WorkerPool(settings(tiny_model, type_k="q8_0", flash_attn="on"))
+    pool = WorkerPool(settings(tiny_model, type_k="q8_0"))
     with pytest.raises(ValueError, match=r"head size \(16\) under flash attention: set flash"):
         await pool.start()
     assert pool.workers == [] and pool._vocab is None
-    for flash_attn in ("off", "auto"):  # auto is off on a CPU
-        pool = WorkerPool(settings(tiny_model, type_k="q8_0", flash_attn=flash_attn))
-        await pool.start()
-        try:
-            events = generate(pool)
-            finished = events[-1]
-            assert finished == Finished("length", finished.prompt_tokens, 8)  # type: ignore[union-attr]
-        finally:
-            await pool.stop()
+    pool = WorkerPool(settings(tiny_model, type_k="q8_0", flash_attn="off"))
+    await pool.start()
+    try:
+        events = generate(pool)
+        assert events[-1] == Finished("length", events[-1].prompt_tokens, 8)  # type: ignore[union-attr]
+    finally:
+        await pool.stop()
 
 
 async def test_q8_0_values_need_a_head_size_flash_attention_supports(

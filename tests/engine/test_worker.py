@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from llamastream.engine.gpu import Offload
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.worker import (
     Event,
@@ -231,7 +230,6 @@ def _reference_reply(model_path: Path, tokens: list[int], params: SamplingParams
     )
     ctx_params = llama_cpp.llama_context_default_params()
     ctx_params.n_ctx, ctx_params.n_batch, ctx_params.n_threads = 1024, 512, 1
-    Offload().apply_context(ctx_params)  # the worker's attention kernels: the same logits
     ctx = internals.LlamaContext(model=model, params=ctx_params, verbose=False)
     batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1)
     vocab = llama_cpp.llama_model_get_vocab(model.model)
