@@ -282,9 +282,7 @@ def _reference_reply(model_path: Path, tokens: list[int], params: SamplingParams
             frequency_penalty=0.7,
             presence_penalty=0.5,
         ),
-        SamplingParams(
-            temperature=0.8, top_k=20, max_new_tokens=80, repeat_penalty=1.3, seed=5
-        ),
+        SamplingParams(temperature=0.8, top_k=20, max_new_tokens=80, repeat_penalty=1.3, seed=5),
     ],
     ids=["repeat", "repeat-frequency-presence", "sampled"],
 )
