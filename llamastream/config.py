@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
     top_k: int = Field(40, ge=0, le=100_000, description="Default top-k (0 disables it).")
     repeat_penalty: float = Field(
-        1.1, ge=0.0, le=10.0, description="Default repetition penalty (1.0 disables it)."
+        1.1, gt=0.0, le=10.0, description="Default repetition penalty (1.0 disables it)."
     )
     seed: int | None = Field(
         None,

@@ -85,7 +85,7 @@ class _Common(BaseModel):
     response_format: ResponseFormat | None = None
     top_k: int | None = Field(None, ge=0, le=100_000)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: StrictBool = False
 
     @field_validator(

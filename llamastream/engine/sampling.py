@@ -25,7 +25,7 @@ class GenerationParams(BaseModel):
     temperature: Number | None = Field(None, ge=0.0, le=5.0)
     top_p: Number | None = Field(None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=0, le=100_000)
-    repeat_penalty: Number | None = Field(None, ge=0.0, le=10.0)
+    repeat_penalty: Number | None = Field(None, gt=0.0, le=10.0)
     max_new_tokens: StrictInt | None = Field(None, ge=1, le=1_048_576)
     seed: StrictInt | None = Field(None, ge=0, lt=2**32)
 

@@ -424,7 +424,7 @@ class Worker:
         """
         # The donor sharing the most; of those, the one holding least (the cheapest copy).
         limit = len(tokens) - 1  # the last prompt token is decoded for its logits
-        shared, donor_len, donor = max(
+        shared, minus_len, donor = max(
             (
                 (min(common_prefix(cached, tokens), limit), -len(cached), other)
                 for other, cached in enumerate(self._cached)
@@ -433,7 +433,7 @@ class Worker:
             default=(0, 0, -1),
         )
         gain = shared - held
-        if gain < MIN_BORROWED_TOKENS or -donor_len > self._borrow_ratio * gain:
+        if gain < MIN_BORROWED_TOKENS or -minus_len > self._borrow_ratio * gain:
             return held
         assert self._ctx is not None
         ctx = self._ctx.ctx

@@ -290,6 +290,7 @@ def test_generation_params_per_session(settings_kwargs: dict[str, Any]) -> None:
         for body, field in [
             ({"temperature": -1}, "temperature"),
             ({"top_p": 0}, "top_p"),
+            ({"repeat_penalty": 0}, "repeat_penalty"),  # llama.cpp divides by it
             ({"top_k": "many"}, "top_k"),
             ({"max_new_tokens": 10_000}, "max_new_tokens"),
             ({"unknown": 1}, "unknown"),
