@@ -19,7 +19,7 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -381,18 +381,36 @@ class Worker:
         owner, cached = self._owner[seq], self._cached[seq]
         if self._state_sink is None or owner is None or len(cached) < self._min_saved_tokens:
             return
-        assert self._ctx is not None
-        ctx = self._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq)
-        if written == 0:
+        data = self._copy_out(seq)
+        if data is None:
             logger.warning("worker %d slot %d: llama.cpp could not save its cache", self.index, seq)
             return
         try:
-            self._state_sink(owner, SavedState(tuple(cached), ctypes.string_at(buffer, written)))
+            self._state_sink(owner, SavedState(tuple(cached), data))
         except Exception:
             logger.exception("worker %d: the state sink failed", self.index)
+
+    def _copy_out(self, seq: int) -> bytes | None:
+        """The sequence's cache as llama.cpp serializes it (None if it could not)."""
+        assert self._ctx is not None
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buffer, size, seq)
+        return ctypes.string_at(buffer, written) if written else None
+
+    def _copy_in(self, seq: int, data: bytes, tokens: Sequence[int]) -> bool:
+        """Replace the sequence's cache with ``data``, which holds ``tokens``; False, the
+        sequence emptied, when llama.cpp refused it."""
+        assert self._ctx is not None
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+        self._cached[seq].clear()
+        # llama.cpp only reads the buffer: point it at the bytes object, no copy.
+        buffer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buffer, len(data), seq) == 0:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+            return False
+        self._cached[seq].extend(tokens)
+        return True
 
     def _restore_state(self, seq: int, state: SavedState, tokens: list[int]) -> int:
         """Load a saved cache into the sequence if it holds a prefix of ``tokens``.
@@ -404,16 +422,9 @@ class Worker:
         n = len(state.tokens)
         if n >= self.n_ctx or common_prefix(list(state.tokens), tokens) != n:
             return -1
-        assert self._ctx is not None
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
-        self._cached[seq].clear()
-        # llama.cpp only reads the buffer: point it at the bytes object, no copy.
-        buffer = ctypes.cast(ctypes.c_char_p(state.data), ctypes.POINTER(ctypes.c_uint8))
-        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buffer, len(state.data), seq) == 0:
+        if not self._copy_in(seq, state.data, state.tokens):
             logger.warning("worker %d slot %d: a saved cache was refused", self.index, seq)
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
             return 0
-        self._cached[seq].extend(state.tokens)
         self.restored_tokens += n
         logger.debug("worker %d slot %d: restored %d cached tokens", self.index, seq, n)
         return n
@@ -435,21 +446,15 @@ class Worker:
         gain = shared - held
         if gain < MIN_BORROWED_TOKENS or -minus_len > self._borrow_ratio * gain:
             return held
-        assert self._ctx is not None
-        ctx = self._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, donor)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, donor)
-        if written == 0:
+        data = self._copy_out(donor)
+        if data is None:
             return held
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
-        self._cached[seq].clear()
-        if llama_cpp.llama_state_seq_set_data(ctx, buffer, written, seq) == 0:
+        if not self._copy_in(seq, data, self._cached[donor]):
             logger.warning("worker %d slot %d: could not copy a shared prefix", self.index, seq)
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
             return 0
+        assert self._ctx is not None
         llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, shared, -1)
-        self._cached[seq].extend(self._cached[donor][:shared])
+        del self._cached[seq][shared:]
         self.borrowed_tokens += gain
         logger.debug(
             "worker %d slot %d: %d tokens copied from slot %d", self.index, seq, shared, donor
