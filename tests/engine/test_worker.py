@@ -295,8 +295,7 @@ def test_repetition_penalties_match_llama_cpp(
     got = _text(run(worker, prompt, params))
     assert got == expected
     # The penalties do change this reply: the comparison above is not vacuous.
-    plain = params.updated(repeat_penalty=1.0)
-    plain = SamplingParams(**{**plain.__dict__, "frequency_penalty": 0, "presence_penalty": 0})
+    plain = params.updated(repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
     assert _text(run(worker, prompt, plain)) != got
 
 
