@@ -100,7 +100,18 @@ class Settings(BaseSettings):
         "the KV cache fit; start-up is refused when they do not.",
     )
     n_threads: int | None = Field(
-        None, ge=1, description="CPU threads per worker for decoding; unset lets llama.cpp choose."
+        None,
+        ge=1,
+        description="CPU threads per worker for generating tokens; unset: one per physical "
+        "core this process may use (split between CPU workers; at most 4 with every layer on "
+        "a GPU).",
+    )
+    n_threads_batch: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per worker for reading prompts; unset: n_threads when it is "
+        "set, else every logical CPU this process may use (at most 4 with every layer on a "
+        "GPU).",
     )
     system_prompt: str | None = Field(
         None, description="System message placed first in every conversation."

@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from llamastream.chat.templates import ChatTemplate
+from llamastream.engine.threads import CpuSet
 
 ROOT = Path(__file__).resolve().parent.parent
 # The same sampling work for every server: greedy, no repetition penalty (llama-server's
@@ -245,7 +246,7 @@ def raw_floor(args: argparse.Namespace) -> Level:
     llama = llama_cpp.Llama(
         str(args.model),
         n_ctx=args.n_ctx,
-        n_threads=args.threads,
+        n_threads=args.threads or CpuSet.current().physical,
         n_gpu_layers=args.n_gpu_layers,
         verbose=False,
     )
@@ -288,6 +289,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
+def threads_note(args: argparse.Namespace) -> str:
+    if args.threads:
+        return f"{args.threads} for every server (`--threads`)"
+    return (
+        "llamastream and llama-server with their defaults; llama-cpp-python (server and raw "
+        f"floor) {CpuSet.current().physical}, the physical cores usable here"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -298,7 +308,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client and level")
     parser.add_argument("--slots", type=int, default=16, help="parallel slots of every server")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context per slot")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of every server; unset: llamastream and llama-server choose their "
+        "own (what a user gets), llama-cpp-python (server and raw floor) gets the physical "
+        "cores this process may use (its own default is half the logical CPUs)",
+    )
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--reply-tokens", type=int, default=100)
@@ -354,8 +370,7 @@ def main() -> None:
             str(args.n_ctx),
             "--max-new-tokens",
             str(max(args.tokens, args.reply_tokens)),
-            "--n-threads",
-            str(args.threads),
+            *(["--n-threads", str(args.threads)] if args.threads else []),
             "--n-gpu-layers",
             str(args.n_gpu_layers),
             "--session-dir",
@@ -385,7 +400,7 @@ def main() -> None:
             "--n_ctx",
             str(args.n_ctx),
             "--n_threads",
-            str(args.threads),
+            str(args.threads or CpuSet.current().physical),
             "--model_alias",
             args.model_id,
             "--n_gpu_layers",
@@ -406,8 +421,7 @@ def main() -> None:
             str(args.slots),
             "-c",
             str(args.n_ctx * args.slots),
-            "-t",
-            str(args.threads),
+            *(["-t", str(args.threads)] if args.threads else []),
             "--alias",
             args.model_id,
             "-ngl",
@@ -457,6 +471,7 @@ def write_report(
         f"- Model: `{args.model.name}`; {args.tokens} generated tokens per request (end of "
         f"sequence suppressed), greedy, no repetition penalty; {args.slots} slots of "
         f"{args.n_ctx} tokens; {args.rounds} requests per client.",
+        f"- Threads: {threads_note(args)}.",
         "",
         "| server | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) "
         "| broken | refused | requests |",

@@ -168,6 +168,8 @@ class WorkerPool:
                 n_ctx=settings.n_ctx,
                 n_batch=settings.n_batch,
                 n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads_batch,
+                cpu_share=n_workers,
                 offload=o,
                 state_sink=self.states.put if self.states is not None else None,
             )

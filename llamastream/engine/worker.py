@@ -31,6 +31,7 @@ from llama_cpp import _internals as internals
 from llamastream.engine.gpu import Offload
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.stops import StopScanner
+from llamastream.engine.threads import CpuSet, ThreadPlan, plan_threads
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class Worker:
         n_ctx: int = 2048,
         n_batch: int = 512,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        cpu_share: int = 1,
         offload: Offload | None = None,
         state_sink: StateSink | None = None,
         min_saved_tokens: int = 64,
@@ -161,6 +164,9 @@ class Worker:
         self._model_path = model_path
         self.offload = offload or Offload()
         self._n_threads = n_threads
+        self._n_threads_batch = n_threads_batch
+        self._cpu_share = cpu_share  # workers sharing this machine's CPUs
+        self.threads: ThreadPlan | None = None  # chosen at load
         self._inbox: queue.SimpleQueue[tuple[int, Job] | Callable[[], None] | None] = (
             queue.SimpleQueue()
         )
@@ -246,13 +252,14 @@ class Worker:
         ctx_params.n_seq_max = self.n_slots
         ctx_params.kv_unified = False
         offload.apply_context(ctx_params)
-        if self._n_threads:
-            ctx_params.n_threads = ctx_params.n_threads_batch = self._n_threads
         with _LOAD_LOCK:
             self._model = internals.LlamaModel(
                 path_model=self._model_path, params=model_params, verbose=False
             )
             del keep_alive
+            self.threads = self._plan_threads()
+            ctx_params.n_threads = self.threads.n_threads
+            ctx_params.n_threads_batch = self.threads.n_threads_batch
             try:
                 self._ctx = internals.LlamaContext(
                     model=self._model, params=ctx_params, verbose=False
@@ -278,6 +285,27 @@ class Worker:
             self.n_ctx,
             llama_cpp.llama_model_size(self._model.model) / 2**20,
         )
+
+    def _plan_threads(self) -> ThreadPlan:
+        assert self._model is not None
+        n_layer = llama_cpp.llama_model_n_layer(self._model.model)
+        layers = self.offload.n_gpu_layers
+        all_on_gpu = llama_cpp.llama_supports_gpu_offload() and (layers < 0 or layers >= n_layer)
+        plan = plan_threads(
+            CpuSet.current(),
+            n_threads=self._n_threads,
+            n_threads_batch=self._n_threads_batch,
+            workers_on_cpu=1 if all_on_gpu else self._cpu_share,
+            all_on_gpu=all_on_gpu,
+        )
+        logger.info(
+            "worker %d: %d thread(s) for generation, %d for prompts (%s)",
+            self.index,
+            plan.n_threads,
+            plan.n_threads_batch,
+            plan.reason,
+        )
+        return plan
 
     def _unload(self) -> None:
         self._refuse_waiting()
