@@ -3,16 +3,18 @@
 __version__ = "0.1.0"
 
 from llamastream.api.app import create_app
+from llamastream.api.chatstream import ChatStream
 from llamastream.chat.prompt import ChatPrompt
-from llamastream.chatstream import ChatStream
 from llamastream.config import Settings
+from llamastream.service import Service
+from llamastream.sessions.disk_store import DiskSessionStore
 from llamastream.sessions.middleware import SessionMiddleware
-from llamastream.sessions.store import DiskSessionStore
 
 __all__ = [
     "ChatPrompt",
     "ChatStream",
     "DiskSessionStore",
+    "Service",
     "SessionMiddleware",
     "Settings",
     "__version__",

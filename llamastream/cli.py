@@ -13,9 +13,13 @@ import typing
 from collections.abc import Generator
 from types import FrameType
 
+import uvicorn
 from pydantic import ValidationError
 
+from llamastream.api.app import create_app
 from llamastream.config import Settings
+from llamastream.download import fetch
+from llamastream.service import Service
 
 logger = logging.getLogger("llamastream")
 
@@ -72,62 +76,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, draining the service on the first SIGTERM/SIGINT before it stops.
+
+    While draining, the server still answers: health says 503 so balancers stop sending,
+    new requests get 503 + Retry-After, running streams get `shutdown_grace_s` to finish.
+    A second signal stops the running streams at once (partial replies saved).
+    """
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._drain_task: asyncio.Future[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            yield
+            # Drained and stopped: exit 0 rather than re-raising the signal as uvicorn does.
+            self._captured_signals.clear()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        if self._draining:
+            # Again: stop waiting for the streams; shutdown stops them now.
+            self._loop.call_soon_threadsafe(self._end_drain)
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+    def _end_drain(self) -> None:
+        task = self._drain_task
+        if task is not None and not task.done():
+            logger.info("signal again: stopping the running streams now")
+            task.cancel()
+
+    def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+        logger.info("signal %d: draining (grace %g s)", sig, self.service.settings.shutdown_grace_s)
+
+        async def drain_then_exit() -> None:
+            try:
+                await self.service.drain()
+            finally:
+                super(_DrainingServer, self).handle_exit(sig, frame)
+
+        self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+
 def serve(settings: Settings) -> None:
-    import uvicorn
-
-    from llamastream.api.app import create_app
-    from llamastream.download import fetch
-
-    class Server(uvicorn.Server):
-        """uvicorn, draining the ChatStream on the first SIGTERM/SIGINT before it stops.
-
-        While draining, the server still answers: health says 503 so balancers stop sending,
-        new requests get 503 + Retry-After, running streams get `shutdown_grace_s` to finish.
-        A second signal stops the running streams at once (partial replies saved).
-        """
-
-        _loop: asyncio.AbstractEventLoop | None = None
-        _draining = False
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Generator[None, None, None]:
-            with super().capture_signals():
-                yield
-                # Drained and stopped: exit 0 rather than re-raising the signal as uvicorn does.
-                self._captured_signals.clear()
-
-        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self._loop is None or not self.started:
-                super().handle_exit(sig, frame)
-                return
-            if self._draining:
-                # Again: stop waiting for the streams; shutdown stops them now.
-                self._loop.call_soon_threadsafe(self._end_drain)
-                return
-            self._draining = True
-            self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
-
-        def _end_drain(self) -> None:
-            task = getattr(self, "_drain_task", None)
-            if task is not None and not task.done():
-                logger.info("signal again: stopping the running streams now")
-                task.cancel()
-
-        def _start_drain(self, sig: int, frame: FrameType | None) -> None:
-            logger.info("signal %d: draining (grace %g s)", sig, settings.shutdown_grace_s)
-
-            async def drain_then_exit() -> None:
-                try:
-                    await app.state.chat_stream.drain()
-                finally:
-                    super(Server, self).handle_exit(sig, frame)
-
-            self._drain_task = asyncio.ensure_future(drain_then_exit())
-
     if settings.model_path is None:
         logger.info(
             "no model configured: fetching the default model %r into %s/ (first run only)",
@@ -147,7 +151,7 @@ def serve(settings: Settings) -> None:
         access_log=False,  # llamastream.access logs every request, with its request id
         timeout_graceful_shutdown=5,
     )
-    Server(config).run()
+    _DrainingServer(config, app.state.service).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llamastream.limits import (
+    FlashAttn,
+    KvType,
+    MaxNewTokens,
+    RepeatPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
+
 # Endpoint → role needed. The ChatStream endpoints serve the caller's own session, so they are
 # public like the chat page; the /v1 API takes API keys.
 DEFAULT_ROLES: dict[str, Literal["public", "user", "admin"]] = {
@@ -54,20 +65,17 @@ class Settings(BaseSettings):
     )
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context length (tokens) of a slot.")
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens decoded per step.")
-    max_new_tokens: int = Field(
-        256, ge=1, le=1_048_576, description="Default and upper bound of tokens per reply."
+    max_new_tokens: MaxNewTokens = Field(
+        256, description="Default and upper bound of tokens per reply."
     )
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Default sampling temperature.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
-    top_k: int = Field(40, ge=0, le=100_000, description="Default top-k (0 disables it).")
-    repeat_penalty: float = Field(
-        1.1, gt=0.0, le=10.0, description="Default repetition penalty (1.0 disables it)."
+    temperature: Temperature = Field(0.7, description="Default sampling temperature.")
+    top_p: TopP = Field(0.95, description="Default nucleus sampling mass.")
+    top_k: TopK = Field(40, description="Default top-k (0 disables it).")
+    repeat_penalty: RepeatPenalty = Field(
+        1.1, description="Default repetition penalty (1.0 disables it)."
     )
-    seed: int | None = Field(
-        None,
-        ge=0,
-        lt=2**32,
-        description="Default sampling seed; unset draws a fresh seed for every request.",
+    seed: Seed | None = Field(
+        None, description="Default sampling seed; unset draws a fresh seed for every request."
     )
     n_gpu_layers: int = Field(
         0, ge=-1, description="Layers offloaded to the GPU (-1: all, 0: CPU only)."
@@ -80,16 +88,14 @@ class Settings(BaseSettings):
         description="Share of the model per GPU, e.g. 3,1; unset: llama.cpp splits by free "
         "memory. Command line: comma-separated.",
     )
-    flash_attn: Literal["auto", "on", "off"] = Field(
+    flash_attn: FlashAttn = Field(
         "auto", description="Flash attention (auto: where the backend supports it)."
     )
     offload_kqv: bool = Field(
         True, description="Keep the KV cache and attention on the GPU with offloaded layers."
     )
-    type_k: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
-        "f16", description="KV cache type of keys (q8_0 halves its memory)."
-    )
-    type_v: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
+    type_k: KvType = Field("f16", description="KV cache type of keys (q8_0 halves its memory).")
+    type_v: KvType = Field(
         "f16",
         description="KV cache type of values (quantized types need flash attention).",
     )

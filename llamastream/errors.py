@@ -1,4 +1,5 @@
-"""Domain exceptions. `llamastream.api.errors` maps them to HTTP responses in one place."""
+"""Domain exceptions, each with its HTTP status and error code; `llamastream.api.errors` turns
+them into each API's error envelope in one place."""
 
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ class SessionStoreError(LlamaStreamError):
     code = "session_store_unavailable"
 
 
-class PromptTemplateError(LlamaStreamError):
-    """The model's chat template refused to render the conversation."""
+class PromptTemplateError(InvalidRequestError):
+    """The model's chat template refused to render the conversation (400 on every route:
+    templates refuse conversations, e.g. roles out of the order they accept)."""
 
     code = "template_error"
 
@@ -115,3 +117,21 @@ class GenerationError(LlamaStreamError):
     """llama.cpp failed while generating."""
 
     code = "generation_failed"
+
+
+class RouteNotFoundError(LlamaStreamError):
+    """No endpoint at this path."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(LlamaStreamError):
+    """The path exists, with other methods (``allow``)."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: list[str]) -> None:
+        super().__init__(message)
+        self.allow = allow

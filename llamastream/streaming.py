@@ -21,12 +21,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from llamastream.api.middleware import route_of
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import Ticket
 from llamastream.engine.worker import Event, Finished, Job, TextChunk
 from llamastream.errors import GenerationError, LlamaStreamError, QueueTimeoutError
-from llamastream.metrics import Metrics
+from llamastream.metrics import Metrics, route_of
 
 if TYPE_CHECKING:
     from llamastream.engine.pool import WorkerPool
@@ -128,7 +127,7 @@ class Framing(Protocol):
         """The last body bytes after a successful run (the whole body when not streaming)."""
         ...
 
-    def error_tail(self, run: Run) -> bytes | None:
+    def error_tail(self, run: Run, exc: LlamaStreamError) -> bytes | None:
         """What ends a stream that fails after it started; None aborts the connection."""
         ...
 
@@ -194,24 +193,26 @@ class Runner:
 
     def __init__(
         self,
+        pool: WorkerPool,
         *,
         max_queue_wait_s: float = math.inf,
         max_generation_s: float = math.inf,
         metrics: Metrics | None = None,
     ) -> None:
+        self.pool = pool
         self.max_queue_wait_s = max_queue_wait_s
         self.max_generation_s = max_generation_s
         self.metrics = metrics
         self.active: dict[str, Run] = {}
         self._draining: Callable[[], LlamaStreamError] | None = None
 
-    def response(self, pool: WorkerPool, run: Run) -> WatchedStreamResponse:
+    def response(self, run: Run) -> WatchedStreamResponse:
         """The response that runs ``run`` when the server calls it."""
         self.active[run.id] = run
         if self._draining is not None:
             self.stop(run, self._draining())  # accepted while the server began to drain
         return WatchedStreamResponse(
-            lambda send: self._produce(pool, run, send), lambda r: self._close(run, r)
+            lambda send: self._produce(run, send), lambda r: self._close(run, r)
         )
 
     def stop(self, run: Run, error: LlamaStreamError) -> None:
@@ -244,42 +245,16 @@ class Runner:
         if self.active:
             logger.warning("%d generation(s) did not settle at shutdown", len(self.active))
 
-    async def _produce(self, pool: WorkerPool, run: Run, send: Send) -> None:
+    async def _produce(self, run: Run, send: Send) -> None:
         """Wait for a slot, run the job, and send its text as it comes.
 
         The run is settled (slot freed, ``on_settle`` done) before the last body message, so
         a client that has read the whole reply finds its effects in place.
         """
         timer: asyncio.TimerHandle | None = None
-        framing = run.framing
         try:
-            slot = await self._wait_for_slot(run)
-            if self.metrics is not None:
-                self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
-            restore = None
-            if run.cache_key is not None:
-                restore = await pool.saved_state(slot, run.tokens, run.cache_key)
-            run.job = Job(
-                run.tokens, run.params, run.bridge.put, cache_key=run.cache_key, restore=restore
-            )
-            if run.stop_error is not None:
-                run.job.cancel.set()
-            pool.submit(slot, run.job)
-            if math.isfinite(self.max_generation_s):
-                timer = asyncio.get_running_loop().call_later(
-                    self.max_generation_s, self._time_up, run
-                )
-            while not run.done:
-                # Text that piled up while the last piece was being sent goes out as one piece.
-                events = await run.bridge.get_all()
-                for event in events:
-                    run.take(event)
-                text = "".join(e.text for e in events if isinstance(e, TextChunk))
-                if text and framing.streaming:
-                    if not run.started:
-                        await send(_start(framing.head(run)))
-                    await send(_body(framing.piece(run, text), more=True))
-                    run.started = True
+            timer = await self._start_job(run)
+            await self._stream(run, send)
             if run.error is None and run.stop_error is not None and _cut_short(run):
                 run.error = run.stop_error
             if run.error is None:
@@ -290,8 +265,8 @@ class Runner:
                 await self._send_error(run, send)
                 return
             if not run.started:
-                await send(_start(framing.head(run)))
-            await send(_body(framing.tail(run), more=False))
+                await send(_start(run.framing.head(run)))
+            await send(_body(run.framing.tail(run), more=False))
         except LlamaStreamError as exc:  # refused while queued: nothing was sent yet
             run.error = exc
             await self._send_error(run, send)
@@ -301,6 +276,39 @@ class Runner:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    async def _start_job(self, run: Run) -> asyncio.TimerHandle | None:
+        """Wait for the run's slot and hand its job to the worker; the time limit's timer."""
+        slot = await self._wait_for_slot(run)
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
+        restore = None
+        if run.cache_key is not None:
+            restore = await self.pool.saved_state(slot, run.tokens, run.cache_key)
+        run.job = Job(
+            run.tokens, run.params, run.bridge.put, cache_key=run.cache_key, restore=restore
+        )
+        if run.stop_error is not None:
+            run.job.cancel.set()
+        self.pool.submit(slot, run.job)
+        if not math.isfinite(self.max_generation_s):
+            return None
+        return asyncio.get_running_loop().call_later(self.max_generation_s, self._time_up, run)
+
+    async def _stream(self, run: Run, send: Send) -> None:
+        """Take the job's events until it ends, sending its text (streaming framings)."""
+        framing = run.framing
+        while not run.done:
+            # Text that piled up while the last piece was being sent goes out as one piece.
+            events = await run.bridge.get_all()
+            for event in events:
+                run.take(event)
+            text = "".join(e.text for e in events if isinstance(e, TextChunk))
+            if text and framing.streaming:
+                if not run.started:
+                    await send(_start(framing.head(run)))
+                await send(_body(framing.piece(run, text), more=True))
+                run.started = True
 
     async def _wait_for_slot(self, run: Run) -> int:
         """The run's slot; `QueueTimeoutError` past the wait limit, or the stop error."""
@@ -336,15 +344,15 @@ class Runner:
             run.job.cancel.set()
 
     async def _send_error(self, run: Run, send: Send) -> None:
+        exc = run.error
+        if not isinstance(exc, LlamaStreamError):
+            exc = GenerationError("generation failed")
         if not run.started:
-            exc = run.error
-            if not isinstance(exc, LlamaStreamError):
-                exc = GenerationError("generation failed")
             response = run.framing.error_response(exc)
             await response({"type": "http"}, _disconnected, send)
             run.error_sent = True
             return
-        tail = run.framing.error_tail(run)
+        tail = run.framing.error_tail(run, exc)
         if tail is not None:
             await send(_body(tail, more=False))
             run.error_sent = True

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 
+from llamastream.api.deps import service_of
 from llamastream.config import Settings
 from llamastream.errors import AuthenticationError, ForbiddenError
 
@@ -36,7 +37,7 @@ def require(endpoint: str) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency checking ``endpoint``'s role."""
 
     async def dependency(request: Request) -> None:
-        check_access(request.app.state.settings, request, endpoint)
+        check_access(service_of(request).settings, request, endpoint)
 
     return dependency
 

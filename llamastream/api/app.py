@@ -7,18 +7,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.responses import Response
 
 from llamastream import __version__
 from llamastream.api import native, openai, ops
-from llamastream.api.errors import error_response, openai_error_response
+from llamastream.api.chatstream import ChatStream
+from llamastream.api.errors import install_error_handlers
 from llamastream.api.middleware import RequestContextMiddleware
-from llamastream.chatstream import ChatStream
 from llamastream.config import Settings
-from llamastream.errors import LlamaStreamError
+from llamastream.service import Service
 from llamastream.sessions.middleware import SessionMiddleware
 from llamastream.sessions.store import open_store
 from llamastream.streaming import Callback
@@ -33,22 +32,22 @@ def create_app(
 
     ``callback(request, message)`` is called once after every accepted chat request.
     """
-    chat_stream = ChatStream(settings, **overrides)
-    settings = chat_stream.settings
+    base = settings.model_dump() if settings is not None else {}
+    service = Service(Settings(**{**base, **overrides}), callback=callback)
+    settings = service.settings
     store = open_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with chat_stream.lifespan(app):
+            async with service.lifespan(app):
                 yield
         finally:
             await store.close()
 
     app = FastAPI(title="llamastream", version=__version__, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.chat_stream = chat_stream
-    app.state.chat_callback = callback
+    app.state.service = service
+    app.state.chat_stream = ChatStream(service=service)
     app.state.session_store = store
     app.add_middleware(
         SessionMiddleware,
@@ -56,14 +55,8 @@ def create_app(
         cookie_name=settings.session_cookie,
         secure=settings.cookie_secure,
     )
-    app.add_middleware(RequestContextMiddleware, metrics=chat_stream.metrics)
-
-    @app.exception_handler(LlamaStreamError)
-    async def domain_error(request: Request, exc: LlamaStreamError) -> Response:
-        if request.url.path.startswith("/v1/"):
-            return openai_error_response(exc)
-        return error_response(exc)
-
+    app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
+    install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)

@@ -1,22 +1,167 @@
-"""Domain exceptions → JSON error responses, in one place."""
+"""Domain exceptions → each route family's error envelope, in one place.
+
+A route family (native, OpenAI) is a route class carrying its `Envelope`; the app's exception
+handlers answer in the envelope of the route that matched, never by testing the path. Each
+envelope gives an error before a response starts (a JSON answer with the exception's status)
+and, beside it, after a stream started (what the stream's last bytes say, if anything).
+"""
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
+from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+from starlette.types import Scope
 
-from llamastream.errors import InvalidRequestError, LlamaStreamError
+from llamastream.errors import (
+    InvalidRequestError,
+    LlamaStreamError,
+    MethodNotAllowedError,
+    RouteNotFoundError,
+)
 
 
-def error_response(exc: LlamaStreamError) -> JSONResponse:
-    """``{"error": code, "message": ..., "field": ...}`` with the exception's status."""
-    body: dict[str, Any] = {"error": exc.code, "message": exc.message}
-    if exc.field is not None:
-        body["field"] = exc.field
-    return JSONResponse(body, status_code=exc.status_code, headers=_headers(exc))
+class Envelope(Protocol):
+    """How one API dialect shapes its errors."""
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        """The JSON error object."""
+        ...
+
+    def response(self, exc: LlamaStreamError) -> JSONResponse:
+        """The answer to a request that fails before its response starts."""
+        ...
+
+    def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
+        """The last bytes of a stream that fails after it started; None cuts the connection."""
+        ...
+
+
+class NativeEnvelope:
+    """``{"error": code, "message": ..., "field": ...}``; a plain-text stream is cut."""
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": exc.code, "message": exc.message}
+        if exc.field is not None:
+            body["field"] = exc.field
+        return body
+
+    def response(self, exc: LlamaStreamError) -> JSONResponse:
+        return JSONResponse(self.body(exc), status_code=exc.status_code, headers=_headers(exc))
+
+    def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
+        return None  # plain text has no way to say so: the connection is cut
+
+
+class OpenAIEnvelope:
+    """OpenAI's ``{"error": {message, type, param, code}}``; an SSE stream ends with it."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        409: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+    }
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": exc.message,
+                "type": self.TYPES.get(exc.status_code, "server_error"),
+                "param": exc.field,
+                "code": exc.code,
+            }
+        }
+
+    def response(self, exc: LlamaStreamError) -> JSONResponse:
+        return JSONResponse(self.body(exc), status_code=exc.status_code, headers=_headers(exc))
+
+    def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
+        return b"data: " + json.dumps(self.body(exc), ensure_ascii=False).encode() + b"\n\n"
+
+
+NATIVE = NativeEnvelope()
+OPENAI = OpenAIEnvelope()
+
+
+class NativeRoute(APIRoute):
+    """A route of the native (ChatStream-style) family."""
+
+    envelope: ClassVar[Envelope] = NATIVE
+
+
+class OpenAIRoute(APIRoute):
+    """A route of the OpenAI-compatible family."""
+
+    envelope: ClassVar[Envelope] = OPENAI
+
+
+def envelope_of(scope: Scope) -> Envelope:
+    """The envelope of the route that matched (native when none did)."""
+    return getattr(scope.get("route"), "envelope", NATIVE)  # type: ignore[no-any-return]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer domain errors, and Starlette's own 404/405, in the matched route's envelope."""
+
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LlamaStreamError)
+        return envelope_of(request.scope).response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            error: LlamaStreamError = MethodNotAllowedError(
+                f"{request.method} is not allowed here", allow=allow.split(", ") if allow else []
+            )
+        elif exc.status_code == 404:
+            error = RouteNotFoundError(f"no endpoint at {request.url.path}")
+        else:
+            error = _HttpError(exc.status_code, str(exc.detail))
+        return envelope_of(request.scope).response(error)
+
+    app.add_exception_handler(LlamaStreamError, domain_error)
+    app.add_exception_handler(HTTPException, http_error)
+
+
+class _HttpError(LlamaStreamError):
+    """Another HTTP error Starlette raised, with its status."""
+
+    code = "http_error"
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def unmatched(
+    path: str, method: str, routes: Sequence[BaseRoute], *, full_path: str
+) -> LlamaStreamError:
+    """Why none of a family's ``routes`` serves ``method`` at ``path`` (relative to the family's
+    prefix): 405 naming the methods the path has, or 404. For a family's catch-all route, which
+    then answers in its family's envelope."""
+    allow = {
+        method
+        for route in routes
+        if isinstance(route, APIRoute) and route.path_regex.match(path)
+        for method in route.methods
+    }
+    if allow:
+        return MethodNotAllowedError(f"{method} is not allowed here", allow=sorted(allow))
+    return RouteNotFoundError(f"no endpoint at {full_path}")
 
 
 def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
@@ -40,36 +185,13 @@ def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
     return path
 
 
-OPENAI_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "server_error",
-}
-
-
-def openai_error_response(exc: LlamaStreamError) -> JSONResponse:
-    """The same errors in OpenAI's envelope: ``{"error": {message, type, param, code}}``."""
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": OPENAI_ERROR_TYPES.get(exc.status_code, "server_error"),
-            "param": exc.field,
-            "code": exc.code,
-        }
-    }
-    return JSONResponse(body, status_code=exc.status_code, headers=_headers(exc))
-
-
 def _headers(exc: LlamaStreamError) -> dict[str, str]:
-    """The headers of every error answer, native or OpenAI-shaped."""
+    """The headers of every error answer, in every envelope."""
     headers = {"Cache-Control": "no-store"}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if exc.status_code == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, MethodNotAllowedError) and exc.allow:
+        headers["Allow"] = ", ".join(exc.allow)
     return headers

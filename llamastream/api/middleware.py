@@ -11,7 +11,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamastream.metrics import Metrics
+from llamastream.metrics import Metrics, route_of
 
 logger = logging.getLogger("llamastream.access")
 
@@ -27,13 +27,6 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         return True
-
-
-def route_of(scope: Scope) -> str:
-    """The matched route's template (bounded label values), never the raw path."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
 
 
 class RequestContextMiddleware:

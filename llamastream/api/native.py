@@ -2,70 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from llamastream.api.access import require
-from llamastream.chatstream import ChatStream
+from llamastream.api.deps import ServiceDep, chat_stream_of
+from llamastream.api.errors import NativeRoute
+from llamastream.api.openapi import error_responses, json_body, json_ok
 from llamastream.engine.sampling import GenerationParams
 
-router = APIRouter()
-
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {
-        "error": {"type": "string", "description": "The error code."},
-        "message": {"type": "string"},
-        "field": {"type": "string", "description": "The offending field, for 400 and 413."},
-    },
-}
-
-_WHY = {
-    400: "The body or a parameter is not acceptable (`field` names it).",
-    401: "An API key is required and none, or a wrong one, was given.",
-    403: "The key given may not use this endpoint.",
-    404: "No such model.",
-    409: "Another request of this session is still running.",
-    413: "The body is larger than max_body_bytes.",
-    429: "Every slot is busy and the wait queue is full.",
-    500: "Generation failed before any text was sent.",
-    503: "Not ready (loading or draining), no slot within max_queue_wait_s, or the session "
-    "store is unavailable.",
-}
-
-_RETRY_AFTER = {
-    "Retry-After": {
-        "description": "Seconds to wait before trying again.",
-        "schema": {"type": "string", "pattern": "^[0-9]+$"},
-    }
-}
-
-
-def error_responses(*statuses: int, schema: dict[str, Any] = ERROR_SCHEMA) -> dict[int | str, Any]:
-    """OpenAPI entries for the JSON errors a route can answer with."""
-    out: dict[int | str, Any] = {}
-    for status in statuses:
-        entry: dict[str, Any] = {
-            "description": _WHY[status],
-            "content": {"application/json": {"schema": schema}},
-        }
-        if status in (429, 503):
-            entry["headers"] = _RETRY_AFTER
-        out[status] = entry
-    return out
-
-
-def json_body(schema: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI text for a route that reads its JSON body itself."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def json_ok(schema: dict[str, Any], description: str = "Successful Response") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
+router = APIRouter(route_class=NativeRoute)
 
 _ROLES = (401, 403)
 
@@ -125,10 +71,6 @@ _PROMPT = {
 }
 
 
-def _chat_stream(request: Request) -> ChatStream:
-    return request.app.state.chat_stream  # type: ignore[no-any-return]
-
-
 @router.post(
     "/chat_stream",
     openapi_extra=json_body(_CHAT_REQUEST),
@@ -142,10 +84,10 @@ def _chat_stream(request: Request) -> ChatStream:
     },
     dependencies=[Depends(require("chat_stream"))],
 )
-async def chat_stream(request: Request) -> Response:
+async def chat_stream(request: Request, service: ServiceDep) -> Response:
     """Stream the reply to ``user_input`` (or regenerate the last reply) as plain text."""
-    callback = request.app.state.chat_callback
-    return await _chat_stream(request).handle_chat_stream_request(request, callback=callback)
+    facade = chat_stream_of(request)
+    return await facade.handle_chat_stream_request(request, callback=service.callback)
 
 
 @router.post(
@@ -158,7 +100,7 @@ async def chat_stream(request: Request) -> Response:
 )
 async def clear_context(request: Request) -> Response:
     """Forget this session's conversation."""
-    return await _chat_stream(request).handle_clear_context_request(request)
+    return await chat_stream_of(request).handle_clear_context_request(request)
 
 
 @router.get(
@@ -168,7 +110,7 @@ async def clear_context(request: Request) -> Response:
 )
 async def get_prompt(request: Request) -> Response:
     """This session's rendered prompt and messages."""
-    return await _chat_stream(request).handle_get_prompt_request(request)
+    return await chat_stream_of(request).handle_get_prompt_request(request)
 
 
 @router.get(
@@ -178,7 +120,7 @@ async def get_prompt(request: Request) -> Response:
 )
 async def get_load(request: Request) -> Response:
     """Busy and waiting requests, and their limits."""
-    return await _chat_stream(request).handle_get_load_request(request)
+    return await chat_stream_of(request).handle_get_load_request(request)
 
 
 @router.post(
@@ -192,7 +134,7 @@ async def get_load(request: Request) -> Response:
 )
 async def set_generation_params(request: Request) -> Response:
     """Set this session's temperature, top_p, top_k, repeat_penalty, max_new_tokens, seed."""
-    return await _chat_stream(request).handle_set_generation_params_request(request)
+    return await chat_stream_of(request).handle_set_generation_params_request(request)
 
 
 @router.get(
@@ -202,4 +144,4 @@ async def set_generation_params(request: Request) -> Response:
 )
 async def get_generation_params(request: Request) -> Response:
     """This session's effective generation parameters."""
-    return await _chat_stream(request).handle_get_generation_params_request(request)
+    return await chat_stream_of(request).handle_get_generation_params_request(request)

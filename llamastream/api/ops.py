@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.access import require
-from llamastream.api.native import error_responses
-from llamastream.chatstream import ChatStream
+from llamastream.api.deps import ServiceDep
+from llamastream.api.errors import NativeRoute
+from llamastream.api.openapi import error_responses
 
-router = APIRouter()
+router = APIRouter(route_class=NativeRoute)
 
 _HEALTH = {
     "type": "object",
@@ -37,15 +38,13 @@ _HEALTH = {
         },
     },
 )
-async def health(request: Request) -> JSONResponse:
+async def health(service: ServiceDep) -> JSONResponse:
     """200 when serving; 503 while the model loads or the server drains; with slot figures."""
-    chat_stream: ChatStream = request.app.state.chat_stream
-    load = chat_stream.slots.load()
-    serving = chat_stream.ready and not chat_stream.draining
-    status = "ok" if serving else "draining" if chat_stream.draining else "loading"
+    load = service.slots.load()
+    serving = service.status == "ok"
     body = {
-        "status": status,
-        "model": chat_stream.pool.model_name if chat_stream.pool is not None else None,
+        "status": service.status,
+        "model": service.pool.model_name if service.loaded else None,
         "processing": load.processing,
         "waiting": load.waiting,
         "max_processing": load.max_processing,
@@ -69,7 +68,6 @@ async def health(request: Request) -> JSONResponse:
     },
     dependencies=[Depends(require("metrics"))],
 )
-async def metrics(request: Request) -> Response:
+async def metrics(service: ServiceDep) -> Response:
     """Prometheus metrics (text exposition format)."""
-    chat_stream: ChatStream = request.app.state.chat_stream
-    return Response(chat_stream.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -87,9 +87,6 @@ class ChatPrompt:
     def clear(self) -> None:
         self.messages.clear()
 
-    def is_empty(self) -> bool:
-        return not self.messages
-
     def to_chat_messages(self) -> list[dict[str, str]]:
         """The conversation as ``{"role", "content"}`` dicts, system prompt first."""
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -6,12 +6,17 @@ instruct models use; it applies only when the model file carries no template.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llamastream.errors import PromptTemplateError
+
+logger = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -50,12 +55,17 @@ class ChatTemplate:
     def render(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> str:
-        return self._template.render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+        """The prompt text; `PromptTemplateError` when the template refuses the messages."""
+        try:
+            return self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except Exception as exc:  # a template's own raise_exception, or a fault inside it
+            logger.warning("the chat template failed: %s", exc)
+            raise PromptTemplateError(f"the model's chat template refused: {exc}") from None
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], *, bos: str, eos: str) -> ChatTemplate:

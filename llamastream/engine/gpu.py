@@ -23,10 +23,10 @@ from typing import Any, Final, Literal
 
 import llama_cpp
 
+from llamastream.limits import FlashAttn, KvType
+
 logger = logging.getLogger(__name__)
 
-KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
-FlashAttn = Literal["auto", "on", "off"]
 
 MIB: Final = 1 << 20
 # llama.cpp pads each sequence's KV cache to a multiple of 256 cells (with kv_unified off).
@@ -295,19 +295,7 @@ def plan_placement(
     )
     if not offloaded:
         return base
-    weights = list(split) if split is not None else [1.0] * len(devices)
-    weights = (weights + [0.0] * len(devices))[: len(devices)]
-    if sum(weights) <= 0:
-        weights = [1.0] * len(devices)
-    bounds = [sum(weights[: i + 1]) / sum(weights) for i in range(len(devices))]
-    first = units - offloaded
-    layers = [0] * len(devices)
-    kv_layers = [0] * len(devices)
-    for unit in range(first, units):
-        at = min(bisect.bisect_right(bounds, (unit - first) / offloaded), len(devices) - 1)
-        layers[at] += 1
-        if unit < shape.n_layer:  # the output layer holds no KV cache
-            kv_layers[at] += 1
+    layers, kv_layers = _split_layers(shape.n_layer, offloaded, len(devices), split)
     kv_per_layer = per_slot * n_slots / shape.n_layer
     shares = tuple(
         DeviceShare(
@@ -320,6 +308,32 @@ def plan_placement(
         if n
     )
     return replace(base, shares=shares)
+
+
+def _split_layers(
+    n_layer: int, offloaded: int, n_devices: int, split: Sequence[float] | None
+) -> tuple[list[int], list[int]]:
+    """Per device, the offloaded layers (the last ``offloaded`` of ``n_layer`` + the output
+    layer) and those of them holding a KV cache, in proportion to ``split`` (default equal).
+
+    >>> _split_layers(4, 5, 2, [3, 1])
+    ([4, 1], [4, 0])
+    """
+    units = n_layer + 1
+    weights = list(split) if split is not None else [1.0] * n_devices
+    weights = (weights + [0.0] * n_devices)[:n_devices]
+    if sum(weights) <= 0:
+        weights = [1.0] * n_devices
+    bounds = [sum(weights[: i + 1]) / sum(weights) for i in range(n_devices)]
+    first = units - offloaded
+    layers = [0] * n_devices
+    kv_layers = [0] * n_devices
+    for unit in range(first, units):
+        at = min(bisect.bisect_right(bounds, (unit - first) / offloaded), n_devices - 1)
+        layers[at] += 1
+        if unit < n_layer:  # the output layer holds no KV cache
+            kv_layers[at] += 1
+    return layers, kv_layers
 
 
 def check_fits(
@@ -475,11 +489,6 @@ def resolve_workers(workers: int | Literal["auto"], gpu_count: int, n_gpu_layers
     if workers != "auto":
         return workers
     return max(gpu_count, 1) if n_gpu_layers != 0 else 1
-
-
-def visible_gpu_count() -> int:
-    """How many GPUs ``workers="auto"`` makes workers for: 0 on a CPU-only build."""
-    return len(gpu_devices())
 
 
 def _ggml_gpus() -> list[DeviceMemory]:

@@ -36,10 +36,8 @@ class WorkerPool:
     (``auto``: one per visible GPU)."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.model_path is None:
-            raise ValueError("model_path is not set")
         self.settings = settings
-        self.model_path = Path(settings.model_path)
+        self.model_path = Path(settings.model_path or "")
         self.n_slots = settings.num_of_concurrent_executions
         self.offload = Offload(
             n_gpu_layers=settings.n_gpu_layers,
@@ -68,6 +66,8 @@ class WorkerPool:
         Raises `GpuMemoryError` before loading any weights when the placement cannot fit; on
         any failure, what was loaded is freed again.
         """
+        if self.settings.model_path is None:
+            raise ValueError("model_path is not set")
         started: list[Worker] = []
         try:
             await self._start(started)
@@ -109,57 +109,12 @@ class WorkerPool:
         """Split the slots over the workers, place each worker, log it, and refuse what cannot
         fit. Several workers on several GPUs are pinned one per GPU, round robin."""
         settings = self.settings
-        offload = self.offload
-        if not devices and offload.n_gpu_layers != 0:
-            logger.warning(
-                "n_gpu_layers=%d but %s: everything runs on the CPU",
-                offload.n_gpu_layers,
-                "no GPU is visible"
-                if llama_cpp.llama_supports_gpu_offload()
-                else "this llama.cpp build has no GPU support "
-                '(reinstall with CMAKE_ARGS="-DGGML_CUDA=on")',
-            )
-        n_workers = min(
-            resolve_workers(settings.workers, len(devices), offload.n_gpu_layers), self.n_slots
-        )
-        gpus = [d.index for d in devices]
-        pin = n_workers > 1 and len(gpus) > 1 and offload.n_gpu_layers != 0
-        if pin and offload.tensor_split is not None:
-            logger.warning("tensor_split is ignored: each worker holds the whole model on one GPU")
-        offloads = [
-            offload.pinned(gpus[i % len(gpus)]) if pin else offload for i in range(n_workers)
-        ]
+        offloads, pinned = self._offloads(devices)
+        n_workers = len(offloads)
         shares = [
             self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
         ]
-        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
-        if shape is None:
-            logger.warning(
-                "%s: no layer shape in its metadata; GPU memory is not checked", self.model_name
-            )
-            self.placements = []
-        else:
-            check_kv_types(shape, offload.type_k, offload.type_v, offload.flash_attn)
-            free = {d.index: float(d.free) for d in devices}
-            self.placements = [
-                plan_placement(
-                    i,
-                    shape,
-                    n_slots=share,
-                    n_ctx=settings.n_ctx,
-                    n_gpu_layers=o.n_gpu_layers,
-                    type_k=o.type_k,
-                    type_v=o.type_v,
-                    offload_kqv=o.offload_kqv,
-                    devices=[o.main_gpu] if pin else gpus,
-                    split=None if pin else (o.tensor_split or [free[g] for g in gpus]),
-                )
-                for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
-            ]
-            names = {d.index: d.name for d in devices}
-            for placement in self.placements:
-                logger.info("%s", placement.describe(names))
-            check_fits(self.placements, devices, settings.gpu_headroom_mib * MIB)
+        self.placements = self._place(meta, devices, offloads, shares, pinned)
         self.workers = [
             Worker(
                 i,
@@ -176,6 +131,70 @@ class WorkerPool:
             for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
         ]
         self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
+
+    def _offloads(self, devices: list[DeviceMemory]) -> tuple[list[Offload], bool]:
+        """Each worker's offload parameters, and whether they are pinned one per GPU."""
+        offload = self.offload
+        if not devices and offload.n_gpu_layers != 0:
+            logger.warning(
+                "n_gpu_layers=%d but %s: everything runs on the CPU",
+                offload.n_gpu_layers,
+                "no GPU is visible"
+                if llama_cpp.llama_supports_gpu_offload()
+                else "this llama.cpp build has no GPU support "
+                '(reinstall with CMAKE_ARGS="-DGGML_CUDA=on")',
+            )
+        n_workers = min(
+            resolve_workers(self.settings.workers, len(devices), offload.n_gpu_layers),
+            self.n_slots,
+        )
+        gpus = [d.index for d in devices]
+        pin = n_workers > 1 and len(gpus) > 1 and offload.n_gpu_layers != 0
+        if pin and offload.tensor_split is not None:
+            logger.warning("tensor_split is ignored: each worker holds the whole model on one GPU")
+        offloads = [
+            offload.pinned(gpus[i % len(gpus)]) if pin else offload for i in range(n_workers)
+        ]
+        return offloads, pin
+
+    def _place(
+        self,
+        meta: dict[str, str],
+        devices: list[DeviceMemory],
+        offloads: list[Offload],
+        shares: list[int],
+        pinned: bool,
+    ) -> list[Placement]:
+        """Each worker's placement, logged; `GpuMemoryError` when they do not fit."""
+        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
+        if shape is None:
+            logger.warning(
+                "%s: no layer shape in its metadata; GPU memory is not checked", self.model_name
+            )
+            return []
+        check_kv_types(shape, self.offload.type_k, self.offload.type_v, self.offload.flash_attn)
+        gpus = [d.index for d in devices]
+        free = {d.index: float(d.free) for d in devices}
+        placements = [
+            plan_placement(
+                i,
+                shape,
+                n_slots=share,
+                n_ctx=self.settings.n_ctx,
+                n_gpu_layers=o.n_gpu_layers,
+                type_k=o.type_k,
+                type_v=o.type_v,
+                offload_kqv=o.offload_kqv,
+                devices=[o.main_gpu] if pinned else gpus,
+                split=None if pinned else (o.tensor_split or [free[g] for g in gpus]),
+            )
+            for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
+        ]
+        names = {d.index: d.name for d in devices}
+        for placement in placements:
+            logger.info("%s", placement.describe(names))
+        check_fits(placements, devices, self.settings.gpu_headroom_mib * MIB)
+        return placements
 
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Strict
 
+from llamastream.errors import InvalidRequestError
+from llamastream.limits import MaxNewTokens, RepeatPenalty, Seed, Temperature, TopK, TopP
 
-def _not_a_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a number is required, not a boolean")
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_not_a_bool)]  # JSON true is not 1.0
-
-
-class GenerationParams(BaseModel):
-    """Per-session generation parameters (all optional); out-of-range values are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: Number | None = Field(None, ge=0.0, le=5.0)
-    top_p: Number | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=0, le=100_000)
-    repeat_penalty: Number | None = Field(None, gt=0.0, le=10.0)
-    max_new_tokens: StrictInt | None = Field(None, ge=1, le=1_048_576)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**32)
+if TYPE_CHECKING:
+    from llamastream.config import Settings
 
 
 @dataclass(frozen=True)
@@ -47,6 +31,46 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SamplingParams:
+        """The server's defaults."""
+        return cls(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repeat_penalty=settings.repeat_penalty,
+            max_new_tokens=settings.max_new_tokens,
+            seed=settings.seed,
+        )
+
     def updated(self, **changes: Any) -> SamplingParams:
         """A copy with the given non-None fields replaced."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class GenerationParams(BaseModel):
+    """Per-session generation parameters (all optional); out-of-range values are refused.
+
+    >>> GenerationParams(temperature=0.2).apply(SamplingParams()).temperature
+    0.2
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[TopK, Strict()] | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    max_new_tokens: Annotated[MaxNewTokens, Strict()] | None = None
+    seed: Annotated[Seed, Strict()] | None = None
+
+    def check_cap(self, max_new_tokens: int) -> None:
+        """Refuse a reply length above the server's cap (400 naming ``max_new_tokens``)."""
+        if self.max_new_tokens is not None and self.max_new_tokens > max_new_tokens:
+            raise InvalidRequestError(
+                f"max_new_tokens: at most {max_new_tokens}", field="max_new_tokens"
+            )
+
+    def apply(self, base: SamplingParams) -> SamplingParams:
+        """``base`` with the parameters set here."""
+        return base.updated(**self.model_dump(exclude_none=True))

@@ -13,7 +13,8 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamastream.errors import SessionStoreError
-from llamastream.sessions.store import Session, SessionStore, new_session_id
+from llamastream.sessions.record import Session, new_session_id
+from llamastream.sessions.store import SessionStore
 
 MAX_ID_LENGTH = 128  # server ids are 43 characters; anything far longer is not worth a lookup
 
@@ -21,12 +22,9 @@ MAX_ID_LENGTH = 128  # server ids are 43 characters; anything far longer is not 
 class SessionManager:
     """What ``request.state.session`` holds: the request's session and how to save it."""
 
-    def __init__(
-        self, store: SessionStore, session: Session, *, is_new: bool, loaded: bool = True
-    ) -> None:
+    def __init__(self, store: SessionStore, session: Session, *, loaded: bool = True) -> None:
         self.store = store
         self.session = session
-        self.is_new = is_new
         self.loaded = loaded  # False when the store failed to read it: use `reload` first
 
     @property
@@ -52,10 +50,6 @@ class SessionManager:
             self.session.update(stored)
         self.loaded = True
         return self.session
-
-    async def clear_session(self) -> None:
-        self.session.clear()
-        await self.save_session()
 
 
 class SessionMiddleware:
@@ -95,16 +89,16 @@ class SessionMiddleware:
 
     async def _manager(self, requested: str | None) -> SessionManager:
         if not requested:
-            return SessionManager(self.store, Session(new_session_id()), is_new=True)
+            return SessionManager(self.store, Session(new_session_id()))
         try:
             session = await self.store.load(requested)
         except SessionStoreError:
             # Keep the id (the record may well exist): the routes that need the session
             # reload it and answer 503 while the store stays unavailable.
-            return SessionManager(self.store, Session(requested), is_new=False, loaded=False)
+            return SessionManager(self.store, Session(requested), loaded=False)
         if session is None:
-            return SessionManager(self.store, Session(new_session_id()), is_new=True)
-        return SessionManager(self.store, session, is_new=False)
+            return SessionManager(self.store, Session(new_session_id()))
+        return SessionManager(self.store, session)
 
     def _cookie(self, manager: SessionManager) -> str:
         cookie: SimpleCookie = SimpleCookie()

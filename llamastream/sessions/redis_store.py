@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from llamastream.errors import SessionBusyError, SessionStoreError
-from llamastream.sessions.store import Session
+from llamastream.sessions.record import Session
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class RedisSessionStore:
         ttl_s: float = 7 * 24 * 3600.0,
         max_count: int = 100_000,
         max_bytes: int = 1 << 30,
-        lock_ttl_s: float = 30.0,
+        lock_ttl_s: float = 10.0,
         prefix: str = "llamastream",
         timeout_s: float = 3.0,
     ) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from jinja2 import TemplateError
 
 from llamastream.chat.prompt import ChatPrompt
 from llamastream.chat.templates import ChatTemplate
+from llamastream.errors import PromptTemplateError
 
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
@@ -39,8 +39,9 @@ def test_fallback_is_chatml() -> None:
 
 def test_template_exceptions_surface() -> None:
     template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(TemplateError, match="alternate"):
+    with pytest.raises(PromptTemplateError, match="alternate") as raised:
         template.render([])
+    assert raised.value.status_code == 400  # the same answer on every route
 
 
 def test_messages_carry_ids_and_regenerate_drops_the_reply() -> None:

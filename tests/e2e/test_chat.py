@@ -103,7 +103,7 @@ def test_control_tokens_typed_by_a_user_stay_text(settings_kwargs: dict[str, Any
         assert chat(client, user_input=attack).status_code == 200
         stored = prompt_of(client)
         assert stored["messages"][0]["content"] == attack  # the history keeps what was typed
-        pool = app.state.chat_stream.pool
+        pool = app.state.service.pool
         im_start = pool.tokenize("<|im_start|>")[-1]
         prompt_tokens = pool.tokenize(pool.defuse(attack))
         assert im_start not in prompt_tokens
@@ -111,7 +111,7 @@ def test_control_tokens_typed_by_a_user_stay_text(settings_kwargs: dict[str, Any
 
 def test_overload_gets_429_with_retry_after(settings_kwargs: dict[str, Any]) -> None:
     with server(settings_kwargs, num_of_concurrent_executions=1, max_queue_size=1) as (live, app):
-        pool = app.state.chat_stream.pool
+        pool = app.state.service.pool
         results: list[httpx.Response] = []
 
         def send() -> None:
@@ -139,7 +139,7 @@ def test_overload_gets_429_with_retry_after(settings_kwargs: dict[str, Any]) -> 
 
 def test_disconnect_while_queued_leaves_the_queue(settings_kwargs: dict[str, Any]) -> None:
     with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
-        pool = app.state.chat_stream.pool
+        pool = app.state.service.pool
         with live.client() as client, live.client() as leaver:
             with paused(pool.workers[0]):
 
@@ -186,7 +186,7 @@ def test_a_conversation_returns_to_its_slot_and_reuses_its_cache(
     settings_kwargs: dict[str, Any],
 ) -> None:
     with server(settings_kwargs, n_ctx=2048) as (live, app), live.client() as a, live.client() as b:
-        worker = app.state.chat_stream.pool.workers[0]
+        worker = app.state.service.pool.workers[0]
         chat(a, user_input="first question of a " + "words " * 30)
         chat(b, user_input="b starts")
         chat(b, user_input="b goes on")
@@ -304,7 +304,7 @@ def test_generation_params_per_session(settings_kwargs: dict[str, Any]) -> None:
 def test_one_session_at_a_time(settings_kwargs: dict[str, Any]) -> None:
     with server(settings_kwargs) as (live, app), live.client() as client:
         chat(client, user_input="first")
-        pool = app.state.chat_stream.pool
+        pool = app.state.service.pool
         results: list[httpx.Response] = []
         with paused(pool.workers[0]):
             running = threading.Thread(

@@ -30,7 +30,7 @@ def conversation(settings: dict[str, Any]) -> tuple[list[str], int, int]:
             response = chat(client, user_input=text)
             assert response.status_code == 200
             replies.append(response.text)
-        worker = app.state.chat_stream.pool.workers[0]
+        worker = app.state.service.pool.workers[0]
         return replies, worker.restored_tokens, worker.reused_tokens
 
 

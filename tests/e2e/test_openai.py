@@ -191,14 +191,14 @@ def test_api_keys(settings_kwargs: dict[str, Any]) -> None:
 
 def test_queue_full_raises_rate_limit(settings_kwargs: dict[str, Any]) -> None:
     with api(settings_kwargs, num_of_concurrent_executions=1, max_queue_size=0) as (client, app):
-        pool = app.state.chat_stream.pool
+        pool = app.state.service.pool
         done: list[Any] = []
         with paused(pool.workers[0]):
             holder = threading.Thread(
                 target=lambda: done.append(client.chat.completions.create(**hello(max_tokens=2)))
             )
             holder.start()
-            eventually(lambda: app.state.chat_stream.slots.load().processing == 1)
+            eventually(lambda: app.state.service.slots.load().processing == 1)
             with pytest.raises(openai.RateLimitError) as refused:
                 client.chat.completions.create(**hello(max_tokens=2))
             assert int(refused.value.response.headers["retry-after"]) >= 1
@@ -223,4 +223,4 @@ def test_dropped_stream_stops_generation(settings_kwargs: dict[str, Any]) -> Non
         stream.close()
         recorder = app.state.recorder
         assert recorder.wait_for(1) == ["client_disconnected_while_streaming"]
-        eventually(lambda: app.state.chat_stream.slots.load().processing == 0, timeout=2)
+        eventually(lambda: app.state.service.slots.load().processing == 0, timeout=2)

@@ -69,7 +69,7 @@ def test_busy_slots_and_queue_depth_are_live(settings_kwargs: dict[str, Any]) ->
             threading.Thread(target=chat_once, args=(live,), kwargs={"user_input": text})
             for text in ("x", "y")
         ]
-        with live.client() as client, paused(app.state.chat_stream.pool.workers[0]):
+        with live.client() as client, paused(app.state.service.pool.workers[0]):
             for thread in threads:
                 thread.start()
             eventually(lambda: client.get("/get_load").json()["waiting"] == 1)
@@ -257,7 +257,7 @@ def test_a_request_waiting_too_long_gets_503(settings_kwargs: dict[str, Any]) ->
     with server(settings_kwargs, **limits) as (live, app), live.client() as client:
         results: list[httpx.Response] = []
         holder = threading.Thread(target=lambda: results.append(chat_once(live, user_input="a")))
-        with paused(app.state.chat_stream.pool.workers[0]):
+        with paused(app.state.service.pool.workers[0]):
             holder.start()
             eventually(lambda: client.get("/get_load").json()["processing"] == 1)
             with live.client() as waiter:
@@ -282,7 +282,7 @@ def test_generation_stops_at_the_time_limit(settings_kwargs: dict[str, Any]) -> 
         asker = threading.Thread(
             target=lambda: results.append(client.post("/v1/chat/completions", json=body))
         )
-        with paused(app.state.chat_stream.pool.workers[0]):
+        with paused(app.state.service.pool.workers[0]):
             asker.start()
             time.sleep(0.6)
         asker.join(10)
@@ -324,7 +324,7 @@ def test_an_unwritable_session_store_refuses_chat(
 def test_drain_lets_streams_finish_then_stops_them(settings_kwargs: dict[str, Any]) -> None:
     with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
         chat_stream = app.state.chat_stream
-        worker = chat_stream.pool.workers[0]
+        worker = chat_stream.service.pool.workers[0]
         results: list[httpx.Response] = []
         with live.client() as client:
             assert chat(client, user_input="one").status_code == 200
@@ -361,9 +361,9 @@ def test_drain_lets_streams_finish_then_stops_them(settings_kwargs: dict[str, An
                 "unknown_error_occurred",
                 "unknown_error_occurred",
             ]
-            assert chat_stream.slots.load().processing == 0
+            assert chat_stream.service.slots.load().processing == 0
             # Nothing of the stopped turn was kept: the history is the first turn.
-            chat_stream.draining = False
+            chat_stream.service.draining = False
             assert [m["content"] for m in prompt_of(client)["messages"]][:1] == ["one"]
             assert len(prompt_of(client)["messages"]) == 2
 
@@ -398,7 +398,7 @@ def test_a_client_leaving_during_prompt_evaluation(settings_kwargs: dict[str, An
     """The slot is granted and the prompt handed to the worker, no token yet: the client
     leaves. The job is cancelled, the slot freed, the history left as it was."""
     with server(settings_kwargs, num_of_concurrent_executions=1) as (live, app):
-        worker = app.state.chat_stream.pool.workers[0]
+        worker = app.state.service.pool.workers[0]
         with live.client() as client:
             assert chat(client, user_input="kept").status_code == 200
             before = prompt_of(client)

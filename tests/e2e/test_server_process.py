@@ -98,7 +98,7 @@ def test_interleaved_conversations_keep_their_caches(smollm2: Path, tmp_path: Pa
     )
     with LiveServer(app) as live:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
-        worker = app.state.chat_stream.pool.workers[0]
+        worker = app.state.service.pool.workers[0]
         histories: list[list[dict[str, str]]] = [[] for _ in range(3)]
         before = (0, 0)
         for turn in range(3):

@@ -130,7 +130,7 @@ def test_busy_server_is_announced_and_retried(
     with page_on(
         browser, settings_kwargs, num_of_concurrent_executions=1, max_queue_size=0
     ) as page:
-        pool = page.app.state.chat_stream.pool
+        pool = page.app.state.service.pool
         with paused(pool.workers[0]):
             holder = threading.Thread(
                 target=lambda: httpx.post(
@@ -138,7 +138,7 @@ def test_busy_server_is_announced_and_retried(
                 )
             )
             holder.start()
-            eventually(lambda: page.app.state.chat_stream.slots.load().processing == 1)
+            eventually(lambda: page.app.state.service.slots.load().processing == 1)
             send(page, "hello?")
             page.wait_for_selector("#notice:not([hidden])")
             assert "busy" in page.inner_text("#notice")

@@ -31,12 +31,12 @@ from llamastream.engine.gpu import (
     Offload,
     Placement,
     check_fits,
+    gpu_devices,
     kv_bytes_per_slot,
     kv_cells,
     parse_nvidia_smi,
     plan_placement,
     resolve_workers,
-    visible_gpu_count,
 )
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
@@ -332,7 +332,7 @@ def test_workers_resolution() -> None:
 async def test_auto_is_one_worker_on_a_cpu_build(
     tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert visible_gpu_count() == 0
+    assert len(gpu_devices()) == 0
     caplog.set_level(logging.INFO, logger="llamastream")
     pool = WorkerPool(settings(tiny_model, workers="auto", n_gpu_layers=-1))
     await pool.start()
@@ -455,7 +455,7 @@ async def test_gpu_full_offload_is_logged_and_generates(
     tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="llamastream")
-    assert visible_gpu_count() >= 1
+    assert len(gpu_devices()) >= 1
     pool = WorkerPool(settings(tiny_model, n_gpu_layers=-1, num_of_concurrent_executions=4))
     await pool.start()
     try:
@@ -482,7 +482,7 @@ async def test_gpu_quantized_kv_with_flash_attention(gpu_model: Path) -> None:
 @pytest.mark.gpu
 @needs_gpu
 async def test_gpu_auto_workers_pin_one_per_gpu(tiny_model: Path) -> None:
-    count = visible_gpu_count()
+    count = len(gpu_devices())
     pool = WorkerPool(
         settings(tiny_model, n_gpu_layers=-1, workers="auto", num_of_concurrent_executions=8)
     )

@@ -12,7 +12,8 @@ import pytest
 
 from llamastream.chat.prompt import ChatPrompt
 from llamastream.errors import SessionBusyError, SessionStoreError
-from llamastream.sessions.store import _HOST, DiskSessionStore, Session, new_session_id
+from llamastream.sessions.disk_store import _HOST, DiskSessionStore
+from llamastream.sessions.record import Session, new_session_id
 
 
 async def test_session_with_a_chat_prompt_survives_reopening(tmp_path: Path) -> None:
@@ -29,8 +30,9 @@ async def test_session_with_a_chat_prompt_survives_reopening(tmp_path: Path) -> 
     reopened = DiskSessionStore(tmp_path)
     loaded = await reopened.load(session.id)
     assert loaded is not None
-    assert isinstance(loaded["chat_prompt"], ChatPrompt)
-    assert loaded["chat_prompt"].to_dict() == prompt.to_dict()
+    # The store keeps what the value serialized; its owner makes a ChatPrompt of it again.
+    assert loaded["chat_prompt"] == prompt.to_dict()
+    assert ChatPrompt.from_dict(loaded["chat_prompt"]).messages == prompt.messages
     assert loaded["generation_params"] == {"temperature": 0.2}
     assert await reopened.count() == 1
     await reopened.close()

@@ -1,0 +1,359 @@
+"""ChatStream: the session-chat facade an endpoint calls to stream one chat turn.
+
+It stands on a `Service` (slots, queue, workers, callbacks) and adds what a chat session needs:
+the session's turn lock, its history (a `ChatPrompt` in the session), the prompt fitted to the
+context, and ChatStream's wire format (the reply as plain text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from llamastream.api.body import RequestBody, parse_body
+from llamastream.api.errors import NATIVE
+from llamastream.chat.prompt import ChatPrompt
+from llamastream.config import Settings
+from llamastream.engine.sampling import GenerationParams, SamplingParams
+from llamastream.errors import (
+    InputTooLongError,
+    InvalidRequestError,
+    LlamaStreamError,
+    NothingToRegenerateError,
+)
+from llamastream.service import Service
+from llamastream.sessions.middleware import SessionManager
+from llamastream.sessions.record import Session, new_session_id
+from llamastream.streaming import Callback, Run
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
+PROMPT_KEY = "chat_prompt"
+PARAMS_KEY = "generation_params"
+# How records written before the store stopped knowing `ChatPrompt` tagged the conversation.
+_LEGACY_PROMPT_TAG = "__chat_prompt__"
+
+
+class ChatRequest(BaseModel):
+    """The body of a chat turn."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_input: StrictStr | None = Field(None, min_length=1)
+    regenerate: StrictBool = False
+
+    def check(self, max_chars: int) -> None:
+        """Refuse a turn with no input (unless regenerating) or too long an input."""
+        if not self.regenerate and self.user_input is None:
+            raise InvalidRequestError("user_input is required", field="user_input")
+        if self.user_input is not None and len(self.user_input) > max_chars:
+            raise InvalidRequestError(
+                f"user_input: at most {max_chars} characters", field="user_input"
+            )
+
+
+class PlainTextFraming:
+    """ChatStream's wire format: the reply as bare UTF-8 text chunks."""
+
+    streaming = True
+
+    def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
+        return 200, [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+            (MESSAGE_ID_HEADER.lower().encode(), run.id.encode()),
+        ]
+
+    def piece(self, run: Run, text: str) -> bytes:
+        return text.encode()
+
+    def tail(self, run: Run) -> bytes:
+        return b""
+
+    def error_tail(self, run: Run, exc: LlamaStreamError) -> bytes | None:
+        return NATIVE.mid_stream(exc)
+
+    def error_response(self, exc: LlamaStreamError) -> Response:
+        return NATIVE.response(exc)
+
+
+@dataclasses.dataclass
+class _Turn:
+    """A chat turn under way: how to store its outcome and release its session."""
+
+    service: Service
+    manager: SessionManager | None
+    prompt: ChatPrompt
+    before: list[Any]  # the messages before the turn
+    lock: str | None
+
+    async def settle(self, run: Run) -> None:
+        """Store the turn: the reply (partial if cut short), or the history as it was."""
+        prompt = self.prompt
+        try:
+            if run.outcome == "success":
+                prompt.add_assistant_message(run.reply, message_id=run.id)
+            elif run.started:
+                prompt.add_assistant_message(run.reply, partial=True, message_id=run.id)
+            else:
+                prompt.messages[:] = self.before
+            if prompt.messages != self.before:
+                await _save(self.manager)
+        finally:
+            await self.service.turn_locks.unlock(self.manager, self.lock)
+
+
+class ChatStream:
+    """Streams chat turns of the caller's session from a `Service`.
+
+    >>> from fastapi import FastAPI
+    >>> chat_stream = ChatStream(model_path="models/tiny.gguf", num_of_concurrent_executions=2)
+    >>> app = FastAPI(lifespan=chat_stream.lifespan)
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, service: Service | None = None, **overrides: Any
+    ) -> None:
+        if service is None:
+            base = settings.model_dump() if settings is not None else {}
+            service = Service(Settings(**{**base, **overrides}))
+        elif settings is not None or overrides:
+            raise ValueError("settings come with the service")
+        self.service = service
+        self.settings = service.settings
+
+    # lifecycle, the service's
+
+    async def start(self) -> None:
+        """Load the model into every worker."""
+        await self.service.start()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking requests (503, health too) and let running streams finish.
+
+        Queued requests get 503 at once; streams still running after ``grace_s`` (default
+        ``shutdown_grace_s``) are stopped, their partial replies saved and callbacks fired.
+        """
+        await self.service.drain(grace_s)
+
+    async def stop(self) -> None:
+        await self.service.stop()
+
+    def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
+        return self.service.lifespan(app)
+
+    # endpoints
+
+    async def handle_chat_stream_request(
+        self,
+        request: Request,
+        request_body: RequestBody = None,
+        callback: Callback | None = None,
+    ) -> Response:
+        """Queue one chat turn and stream its reply as plain text.
+
+        Errors before the request is accepted come back as 4xx/5xx JSON and change nothing;
+        once accepted, ``callback(request, message)`` fires exactly once, after the stream.
+        """
+        service = self.service
+        try:
+            service.check_ready()
+            chat = await parse_body(
+                request, request_body, self.settings.max_body_bytes, ChatRequest
+            )
+            chat.check(self.settings.max_input_chars)
+            manager, session = _session_of(request)
+            lock = await service.turn_locks.lock(manager)
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        try:
+            run = await self._prepare_turn(request, manager, session, chat, lock)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await service.turn_locks.unlock(manager, lock)
+            if isinstance(exc, LlamaStreamError):
+                return NATIVE.response(exc)
+            raise
+        run.callback = callback
+        return service.respond(run)
+
+    async def handle_clear_context_request(self, request: Request) -> Response:
+        """Forget the conversation of the caller's session."""
+        manager, session = _session_of(request)
+        try:
+            async with self.service.turn_locks.locked(manager):
+                self._prompt_of(session).clear()
+                await _save(manager)
+                await self.service.pool.forget(session.id)
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        return JSONResponse({"status": "cleared"})
+
+    async def handle_get_prompt_request(self, request: Request) -> Response:
+        """The caller's conversation: the rendered prompt and its messages."""
+        manager, session = _session_of(request)
+        try:
+            await _ensure_loaded(manager)
+            prompt = self._prompt_of(session)
+            text = prompt.create_prompt()
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        return JSONResponse({"prompt": text, "messages": [m.to_dict() for m in prompt.messages]})
+
+    async def handle_get_load_request(self, request: Request) -> Response:
+        load = self.service.slots.load()
+        return JSONResponse(
+            {
+                "processing": load.processing,
+                "waiting": load.waiting,
+                "max_processing": load.max_processing,
+                "max_waiting": load.max_waiting,
+            }
+        )
+
+    async def handle_set_generation_params_request(
+        self, request: Request, request_body: RequestBody = None
+    ) -> Response:
+        """Store the caller's generation parameters; out-of-range values get 400."""
+        manager, session = _session_of(request)
+        try:
+            params = await parse_body(
+                request, request_body, self.settings.max_body_bytes, GenerationParams
+            )
+            params.check_cap(self.settings.max_new_tokens)
+            async with self.service.turn_locks.locked(manager):
+                stored = dict(session.get(PARAMS_KEY) or {})
+                stored.update(params.model_dump(exclude_unset=True))
+                session[PARAMS_KEY] = stored
+                await _save(manager)
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        return JSONResponse(self._effective_params(session))
+
+    async def handle_get_generation_params_request(self, request: Request) -> Response:
+        manager, session = _session_of(request)
+        try:
+            await _ensure_loaded(manager)
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        return JSONResponse(self._effective_params(session))
+
+    # a turn
+
+    async def _prepare_turn(
+        self,
+        request: Request,
+        manager: SessionManager | None,
+        session: Session,
+        chat: ChatRequest,
+        lock: str | None,
+    ) -> Run:
+        # Written before anything is generated: a store that cannot keep the reply refuses
+        # the turn (503) instead of losing it; the write also refreshes the session's TTL.
+        await _save(manager)
+        prompt = self._prompt_of(session)
+        turn = _Turn(self.service, manager, prompt, list(prompt.messages), lock)
+        _add_input(prompt, chat)
+        params = self._sampling_params(session)
+        try:
+            tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, prompt, params)
+            max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
+            params = params.updated(max_new_tokens=max_new)
+            ticket = self.service.admit(tokens)
+        except BaseException:
+            prompt.messages[:] = turn.before
+            raise
+        # Only conversations under way have their cache saved when they lose their slot: most
+        # first turns are never continued, and saving costs the worker a pause.
+        under_way = any(m.role == "assistant" for m in turn.before)
+        key = session.id if manager is not None and under_way else None
+        return Run(
+            request,
+            tokens,
+            params,
+            ticket,
+            PlainTextFraming(),
+            on_settle=turn.settle,
+            cache_key=key,
+        )
+
+    def _tokenize_fitting(self, prompt: ChatPrompt, params: SamplingParams) -> list[int]:
+        pool = self.service.pool
+        budget = self.settings.n_ctx - params.max_new_tokens
+        view = prompt.copy()
+        for message in view.messages:
+            message.content = pool.defuse(message.content)
+        if view.fit(lambda text: len(pool.tokenize(text)), budget) > budget:
+            raise InputTooLongError(
+                f"the input does not fit in the context window ({budget} tokens)",
+                field="user_input",
+            )
+        return pool.tokenize(view.create_prompt())
+
+    def _prompt_of(self, session: Session) -> ChatPrompt:
+        """The session's conversation, as a `ChatPrompt` kept in the session."""
+        stored = session.get(PROMPT_KEY)
+        if isinstance(stored, ChatPrompt):
+            prompt = stored
+        else:
+            data = stored if isinstance(stored, dict) else {}
+            prompt = ChatPrompt.from_dict(data.get(_LEGACY_PROMPT_TAG, data))
+            session[PROMPT_KEY] = prompt
+        prompt.system_prompt = self.settings.system_prompt
+        prompt.template = self.service.pool.template
+        return prompt
+
+    def _sampling_params(self, session: Session) -> SamplingParams:
+        return self.service.default_params().updated(**(session.get(PARAMS_KEY) or {}))
+
+    def _effective_params(self, session: Session) -> dict[str, Any]:
+        """The session's parameters in force: exactly the fields a session may set."""
+        params = self._sampling_params(session)
+        return {name: getattr(params, name) for name in GenerationParams.model_fields}
+
+
+def _add_input(prompt: ChatPrompt, chat: ChatRequest) -> None:
+    """Add the user's turn, or drop the last reply to regenerate it (with a new input if one
+    is given); `NothingToRegenerateError` leaves the prompt as it was."""
+    if not chat.regenerate:
+        assert chat.user_input is not None
+        prompt.add_user_message(chat.user_input)
+        return
+    before = list(prompt.messages)
+    prompt.remove_trailing_assistant()
+    if not prompt.messages or prompt.messages[-1].role != "user":
+        prompt.messages[:] = before
+        raise NothingToRegenerateError(
+            "there is no user input to regenerate a reply for", field="regenerate"
+        )
+    if chat.user_input is not None:
+        prompt.messages[-1] = dataclasses.replace(prompt.messages[-1], content=chat.user_input)
+
+
+def _session_of(request: Request) -> tuple[SessionManager | None, Session]:
+    manager = getattr(request.state, "session", None)
+    if isinstance(manager, SessionManager):
+        return manager, manager.get_session()
+    # Without SessionMiddleware every request is a conversation of its own.
+    return None, Session(new_session_id())
+
+
+async def _ensure_loaded(manager: SessionManager | None) -> None:
+    """Read the session again if the store failed when the request came in."""
+    if manager is not None and not manager.loaded:
+        await manager.reload()
+
+
+async def _save(manager: SessionManager | None) -> None:
+    if manager is not None:
+        await manager.save_session()

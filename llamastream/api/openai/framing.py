@@ -1,0 +1,107 @@
+"""OpenAI's wire format for a run: chat and text completion objects, SSE chunks or one JSON
+body, and its error envelope (before the stream and within it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from starlette.responses import Response
+
+from llamastream.api.errors import OPENAI
+from llamastream.errors import LlamaStreamError
+from llamastream.streaming import Run
+
+Kind = Literal["chat", "text"]
+
+
+class OpenAIFraming:
+    """OpenAI's objects for a run: SSE chunks when streaming, one JSON body otherwise."""
+
+    def __init__(self, kind: Kind, model: str, *, stream: bool, include_usage: bool) -> None:
+        self.kind = kind
+        self.model = model
+        self.streaming = stream
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._role_sent = False
+
+    def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
+        media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
+        return 200, [
+            (b"content-type", media),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
+
+    def piece(self, run: Run, text: str) -> bytes:
+        return self._role(run) + self._event(self._chunk(run, text, None))
+
+    def tail(self, run: Run) -> bytes:
+        finished = run.finished
+        reason = "length" if finished is not None and finished.reason == "length" else "stop"
+        if not self.streaming:
+            return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
+        out = self._role(run) + self._event(self._chunk(run, None, reason))
+        if self.include_usage:
+            usage = {**self._envelope(run), "choices": [], "usage": _usage(run)}
+            out += self._event(usage)
+        return out + b"data: [DONE]\n\n"
+
+    def error_tail(self, run: Run, exc: LlamaStreamError) -> bytes | None:
+        return OPENAI.mid_stream(exc) if self.streaming else None
+
+    def error_response(self, exc: LlamaStreamError) -> Response:
+        return OPENAI.response(exc)
+
+    def _role(self, run: Run) -> bytes:
+        """The opening chunk of a chat stream, which names the role."""
+        if self.kind != "chat" or self._role_sent:
+            return b""
+        self._role_sent = True
+        delta = {"role": "assistant", "content": ""}
+        return self._event({**self._envelope(run), **self._chunk_with(delta, None)})
+
+    def _envelope(self, run: Run) -> dict[str, Any]:
+        prefix, obj = (
+            ("chatcmpl-", "chat.completion")
+            if self.kind == "chat"
+            else ("cmpl-", "text_completion")
+        )
+        if self.kind == "chat" and self.streaming:
+            obj = "chat.completion.chunk"
+        return {"id": prefix + run.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _chunk(self, run: Run, text: str | None, reason: str | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta = {"content": text} if text is not None else {}
+            chunk = self._chunk_with(delta, reason)
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            chunk = {"choices": [choice]}
+        return {**self._envelope(run), **chunk}
+
+    def _chunk_with(self, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+    def _whole(self, run: Run, reason: str) -> dict[str, Any]:
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": run.reply}
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": run.reply, "logprobs": None, "finish_reason": reason}
+        return {**self._envelope(run), "choices": [choice], "usage": _usage(run)}
+
+    @staticmethod
+    def _event(data: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(run: Run) -> dict[str, int]:
+    completion = run.finished.completion_tokens if run.finished else 0
+    return {
+        "prompt_tokens": len(run.tokens),
+        "completion_tokens": completion,
+        "total_tokens": len(run.tokens) + completion,
+    }

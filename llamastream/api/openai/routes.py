@@ -1,0 +1,163 @@
+"""The /v1 routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Same engine, slots, queue and completion callback as the native endpoints; only the wire
+format differs (OpenAI's JSON objects, SSE for ``stream: true``, its error envelope, also for
+unknown paths and methods under /v1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, Response
+
+from llamastream.api.access import require
+from llamastream.api.body import parse_body
+from llamastream.api.deps import ServiceDep
+from llamastream.api.errors import OpenAIRoute, unmatched
+from llamastream.api.openai.framing import Kind, OpenAIFraming
+from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest
+from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
+from llamastream.errors import ModelNotFoundError
+from llamastream.service import Service
+from llamastream.streaming import Run
+
+router = APIRouter(prefix="/v1", route_class=OpenAIRoute)
+_routes = APIRouter(dependencies=[Depends(require("v1"))], route_class=OpenAIRoute)
+
+_MODELS = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                    "context_length": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
+# One server-sent event: `data:` holds a JSON chunk, or `[DONE]` at the end.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+
+_COMPLETION_RESPONSES: dict[int | str, Any] = {
+    200: {
+        "description": "One JSON object, or with `stream: true` server-sent events ending with "
+        "`data: [DONE]`.",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
+            "text/event-stream": {"schema": _SSE_EVENT},
+        },
+    },
+    **error_responses(400, 401, 403, 404, 413, 429, 500, 503, schema=OPENAI_ERROR_SCHEMA),
+}
+
+
+@_routes.get(
+    "/models",
+    responses={
+        200: {
+            "description": "The served model.",
+            "content": {"application/json": {"schema": _MODELS}},
+        },
+        **error_responses(401, 403, 503, schema=OPENAI_ERROR_SCHEMA),
+    },
+)
+async def list_models(service: ServiceDep) -> Response:
+    """The model this server runs."""
+    service.check_ready()
+    entry = {
+        "id": service.model_id,
+        "object": "model",
+        "created": int(service.pool.model_path.stat().st_mtime),
+        "owned_by": "llamastream",
+        "context_length": service.settings.n_ctx,
+    }
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+@_routes.post(
+    "/chat/completions",
+    openapi_extra=model_body(ChatCompletionRequest),
+    responses=_COMPLETION_RESPONSES,
+)
+async def chat_completions(request: Request, service: ServiceDep) -> Response:
+    """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
+    service.check_ready()
+    settings = service.settings
+    req = await parse_body(request, None, settings.max_body_bytes, ChatCompletionRequest)
+    _check_model(req.model, service)
+    req.check_lengths(settings.max_input_chars)
+    pool = service.pool
+    text = req.prompt_text(pool.template, pool.defuse, settings.system_prompt)
+    return await _complete(request, service, req, "chat", text, req.conversation_key())
+
+
+@_routes.post(
+    "/completions", openapi_extra=model_body(CompletionRequest), responses=_COMPLETION_RESPONSES
+)
+async def completions(request: Request, service: ServiceDep) -> Response:
+    """Plain completion of ``prompt`` (special tokens in it are honoured)."""
+    service.check_ready()
+    settings = service.settings
+    req = await parse_body(request, None, settings.max_body_bytes, CompletionRequest)
+    _check_model(req.model, service)
+    req.check_lengths(settings.max_input_chars)
+    return await _complete(request, service, req, "text", req.text, None)
+
+
+async def _complete(
+    request: Request,
+    service: Service,
+    req: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
+    text: str,
+    cache_key: str | None,
+) -> Response:
+    """Tokenize, admit and run a completion in OpenAI's framing."""
+    tokens = await service.tokenize(text)
+    params = req.sampling(
+        service.default_params(), n_prompt=len(tokens), n_ctx=service.settings.n_ctx
+    )
+    ticket = service.admit(tokens)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    framing = OpenAIFraming(kind, service.model_id, stream=req.stream, include_usage=include_usage)
+    run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
+    return service.respond(run)
+
+
+def _check_model(name: str, service: Service) -> None:
+    if name != service.model_id:
+        raise ModelNotFoundError(
+            f"the model {name!r} does not exist; this server runs {service.model_id!r}",
+            field="model",
+        )
+
+
+router.include_router(_routes)
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,
+)
+async def unknown(request: Request) -> Response:
+    """Unknown paths and methods under /v1: 404 or 405, in OpenAI's envelope."""
+    path = "/" + request.path_params["path"]
+    raise unmatched(path, request.method, _routes.routes, full_path=request.url.path)

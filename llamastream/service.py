@@ -1,0 +1,134 @@
+"""Service: the core every route family stands on.
+
+It owns the worker pool, the slots and their queue, the runner of accepted requests, the
+metrics, readiness and draining, the session turn locks, and admission (a slot, a place in the
+queue, or 429/503). It exists, whole, from construction: `start` loads the model, `stop` frees
+it. The HTTP side (``llamastream.api``) reaches it through one typed accessor and never the
+other way round: nothing here imports ``llamastream.api``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import anyio.to_thread
+
+from llamastream.config import Settings
+from llamastream.engine.pool import WorkerPool
+from llamastream.engine.sampling import SamplingParams
+from llamastream.engine.slots import SlotController, Ticket
+from llamastream.errors import NotReadyError
+from llamastream.metrics import Metrics
+from llamastream.sessions.locks import TurnLocks
+from llamastream.streaming import Callback, Run, Runner, WatchedStreamResponse
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "loading", "draining"]
+
+
+class Service:
+    """One model's engine under load control.
+
+    >>> service = Service(Settings(model_path="models/tiny.gguf"))
+    >>> service.status, service.slots.load().max_processing
+    ('loading', 2)
+    """
+
+    def __init__(self, settings: Settings, *, callback: Callback | None = None) -> None:
+        self.settings = settings
+        self.callback = callback  # fired once per accepted request of create_app's routes
+        self.slots = SlotController(settings.num_of_concurrent_executions, settings.max_queue_size)
+        self.metrics = Metrics(self.slots)
+        self.pool = WorkerPool(settings)
+        self.runner = Runner(
+            self.pool,
+            max_queue_wait_s=settings.max_queue_wait_s,
+            max_generation_s=settings.max_generation_s,
+            metrics=self.metrics,
+        )
+        self.turn_locks = TurnLocks()
+        self.loaded = False
+        self.draining = False
+
+    # lifecycle
+
+    @property
+    def status(self) -> Status:
+        if self.draining:
+            return "draining"
+        return "ok" if self.loaded else "loading"
+
+    async def start(self) -> None:
+        """Load the model into every worker."""
+        self.draining = False
+        await self.pool.start()
+        self.loaded = True
+        self.turn_locks.start()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking requests (503, health too) and let running streams finish.
+
+        Queued requests get 503 at once; streams still running after ``grace_s`` (default
+        ``shutdown_grace_s``) are stopped, their partial replies saved and callbacks fired.
+        """
+        self.draining = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("draining: %d request(s) in flight, %g s grace", len(self.runner.active), grace)
+        await self.runner.drain(grace, _shutting_down)
+
+    async def stop(self) -> None:
+        if self.runner.active:
+            await self.drain(0)
+        self.turn_locks.stop()
+        if self.loaded:
+            self.loaded = False
+            await self.pool.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    # admission
+
+    def check_ready(self) -> None:
+        """`NotReadyError` (503) while the model loads or the server drains."""
+        if self.draining:
+            raise _shutting_down()
+        if not self.loaded:
+            raise NotReadyError("the model is not loaded", retry_after=5)
+
+    def admit(self, tokens: list[int]) -> Ticket:
+        """A place for a prompt: preferably the free slot whose cache holds most of it, else a
+        place in the queue, else `QueueFullError` (429)."""
+        return self.slots.reserve(prefer=self.pool.best_slot(tokens, self.slots.free_slots()))
+
+    def respond(self, run: Run) -> WatchedStreamResponse:
+        """The response that runs an admitted request and streams it in its framing."""
+        return self.runner.response(run)
+
+    # the model
+
+    @property
+    def model_id(self) -> str:
+        """The id the APIs serve the model under."""
+        return self.settings.model_alias or self.pool.model_path.stem
+
+    def default_params(self) -> SamplingParams:
+        """The server's default sampling parameters."""
+        return SamplingParams.from_settings(self.settings)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Prompt text → tokens, off the event loop."""
+        return await anyio.to_thread.run_sync(self.pool.tokenize, text)
+
+
+def _shutting_down() -> NotReadyError:
+    return NotReadyError("the server is shutting down", retry_after=5)
