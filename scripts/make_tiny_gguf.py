@@ -50,8 +50,15 @@ WORDS = [
 ]
 
 
-def write_tiny_gguf(path: str | Path, *, n_embd: int = 64, n_layer: int = 2, seed: int = 0) -> Path:
-    """Write the tiny model to ``path`` and return the path."""
+def write_tiny_gguf(
+    path: str | Path,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    seed: int = 0,
+    chat_template: str = CHATML_TEMPLATE,
+) -> Path:
+    """Write the tiny model to ``path`` (with ``chat_template``) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -92,7 +99,7 @@ def write_tiny_gguf(path: str | Path, *, n_embd: int = 64, n_layer: int = 2, see
     writer.add_eos_token_id(tokens.index(b"<|im_end|>"))
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def randn(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

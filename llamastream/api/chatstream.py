@@ -314,7 +314,9 @@ class ChatStream:
         return prompt
 
     def _sampling_params(self, session: Session) -> SamplingParams:
-        return self.service.default_params().updated(**(session.get(PARAMS_KEY) or {}))
+        """The server's defaults with the session's own parameters (validated when set)."""
+        stored = GenerationParams.model_validate(session.get(PARAMS_KEY) or {})
+        return stored.apply(self.service.default_params())
 
     def _effective_params(self, session: Session) -> dict[str, Any]:
         """The session's parameters in force: exactly the fields a session may set."""

@@ -157,7 +157,7 @@ def unmatched(
         method
         for route in routes
         if isinstance(route, APIRoute) and route.path_regex.match(path)
-        for method in route.methods
+        for method in route.methods or ()
     }
     if allow:
         return MethodNotAllowedError(f"{method} is not allowed here", allow=sorted(allow))

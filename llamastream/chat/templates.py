@@ -6,6 +6,7 @@ instruct models use; it applies only when the model file carries no template.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -34,6 +35,19 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+    ensure_ascii: bool = False,
+) -> str:
+    """Hugging Face's ``tojson`` (plain JSON; Jinja's own escapes ``<`` and ``>`` for HTML)."""
+    return json.dumps(
+        value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii
+    )
+
+
 class ChatTemplate:
     """Renders a list of ``{"role", "content"}`` messages into prompt text.
 
@@ -50,18 +64,28 @@ class ChatTemplate:
         self.eos_token = eos_token
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        env.filters["tojson"] = _tojson
         self._template = env.from_string(self.source)
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text; `PromptTemplateError` when the template refuses the messages."""
+        """The prompt text; `PromptTemplateError` when the template refuses the messages.
+
+        ``tools`` reach the template as Hugging Face's ``apply_chat_template`` passes them.
+        """
+        extra = {"tools": list(tools)} if tools else {}
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except Exception as exc:  # a template's own raise_exception, or a fault inside it
             logger.warning("the chat template failed: %s", exc)

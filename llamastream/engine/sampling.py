@@ -28,6 +28,11 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     grammar: str | None = None
+    # With triggers the grammar is lazy: it holds the reply from the first match of one of
+    # these regular expressions (its first group) on, e.g. once a tool call opens.
+    grammar_triggers: tuple[str, ...] = ()
+    # Control tokens written as text (a tool-call marker such as Mistral's [TOOL_CALLS]).
+    special_tokens: bool = False
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 

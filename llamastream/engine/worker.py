@@ -311,9 +311,12 @@ class Worker:
         self._refuse_waiting()
         for slot in list(self._active.values()):
             self._end(slot, Finished("cancelled", len(slot.job.prompt_tokens), slot.generated))
-        for obj in (self._batch, self._ctx, self._model):
-            if obj is not None:
-                obj.close()
+        if self._batch is not None:
+            self._batch.close()
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._model is not None:
+            self._model.close()
         self._batch = self._ctx = self._model = None
 
     def _loop(self) -> None:
@@ -495,7 +498,12 @@ class Worker:
         sampler = internals.LlamaSampler()
         if params.grammar:
             grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
-            sampler.add_grammar(self._model, grammar)
+            if params.grammar_triggers:
+                sampler.add_grammar_lazy_patterns(
+                    self._model, grammar, list(params.grammar_triggers), []
+                )
+            else:
+                sampler.add_grammar(self._model, grammar)
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         if params.temperature <= 0:
             sampler.add_greedy()
@@ -609,7 +617,8 @@ class Worker:
             self._end(slot, self._flush(slot, "stop"))
             return
         slot.generated += 1
-        text, stopped = slot.stops.feed(slot.decoder.decode(self._piece(token)))
+        piece = self._piece(token, job.params.special_tokens)
+        text, stopped = slot.stops.feed(slot.decoder.decode(piece))
         if text:
             job.on_event(TextChunk(text))
         if stopped:
@@ -645,14 +654,16 @@ class Worker:
         finally:
             job.done.set()
 
-    def _piece(self, token: int) -> bytes:
-        """The raw bytes of one token (byte tokens give their single byte)."""
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (byte tokens give their single byte; control tokens
+        their text only when ``special``)."""
+        key = -1 - token if special else token
+        piece = self._pieces.get(key)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[key] = buf.raw[:n]
         return piece

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,56 +14,7 @@ from starlette.requests import Request
 from llamastream import create_app
 from llamastream.engine.worker import Worker
 from tests.conftest import LiveServer, eventually, wait_idle
-
-
-class Recorder:
-    """A completion callback that remembers what it was called with."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, request: Request, message: str) -> None:
-        with self.cond:
-            self.messages.append(message)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[str]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.messages) >= n, timeout), self.messages
-            return list(self.messages)
-
-
-@contextlib.contextmanager
-def paused(worker: Worker) -> Iterator[None]:
-    """Hold the worker's thread between two steps: jobs on its slots wait (the slots stay busy)."""
-    gate = threading.Event()
-    worker.call(gate.wait)
-    try:
-        yield
-    finally:
-        gate.set()
-
-
-@contextlib.contextmanager
-def server(settings_kwargs: dict[str, Any], **changes: Any) -> Iterator[tuple[LiveServer, Any]]:
-    """A live create_app server whose completion callbacks are recorded in ``live.recorder``."""
-    recorder = Recorder()
-    app = create_app(callback=recorder, **{**settings_kwargs, **changes})
-    with LiveServer(app) as live:
-        live.recorder = recorder  # type: ignore[attr-defined]
-        yield live, app
-        with live.client() as probe:
-            wait_idle(probe)  # every test leaves no busy slot and nothing queued
-
-
-def chat(client: httpx.Client, **body: Any) -> httpx.Response:
-    response = client.post("/chat_stream", json=body)
-    return response
-
-
-def prompt_of(client: httpx.Client) -> dict[str, Any]:
-    return client.get("/get_prompt").json()  # type: ignore[no-any-return]
+from tests.e2e.conftest import chat, paused, prompt_of, server
 
 
 def test_reply_streams_and_is_stored_exactly(settings_kwargs: dict[str, Any]) -> None:
@@ -341,11 +290,11 @@ def test_errors_in_generation(
     real_piece = Worker._piece
     calls = {"n": 0, "fail_at": 5}
 
-    def failing_piece(self: Worker, token: int) -> bytes:
+    def failing_piece(self: Worker, token: int, special: bool = False) -> bytes:
         calls["n"] += 1
         if calls["n"] == calls["fail_at"]:
             raise RuntimeError("injected fault")
-        return real_piece(self, token)
+        return real_piece(self, token, special)
 
     monkeypatch.setattr(Worker, "_piece", failing_piece)
     with server(settings_kwargs, num_of_concurrent_executions=1) as (live, _):

@@ -8,10 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_chat import chat, server
-from tests.e2e.test_server_process import smollm2
-
-__all__ = ["smollm2"]
+from tests.e2e.conftest import chat, server
 
 QUESTION = "Tell me about the history of the city of Paris, its rivers, bridges and museums. " * 3
 

@@ -15,7 +15,7 @@ import pytest
 
 from llamastream import create_app
 from tests.conftest import LiveServer, eventually, wait_idle
-from tests.e2e.test_chat import Recorder, paused
+from tests.e2e.conftest import Recorder, paused
 
 MODEL = "tiny"
 

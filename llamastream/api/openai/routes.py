@@ -17,7 +17,7 @@ from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
 from llamastream.api.errors import OpenAIRoute, unmatched
 from llamastream.api.openai.framing import Kind, OpenAIFraming
-from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest
+from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest, ToolUse
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
 from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
@@ -104,8 +104,9 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     _check_model(req.model, service)
     req.check_lengths(settings.max_input_chars)
     pool = service.pool
-    text = req.prompt_text(pool.template, pool.defuse, settings.system_prompt)
-    return await _complete(request, service, req, "chat", text, req.conversation_key())
+    tool_use = req.tool_use(pool.template)
+    text = req.prompt_text(pool.template, pool.defuse, settings.system_prompt, tool_use)
+    return await _complete(request, service, req, "chat", text, req.conversation_key(), tool_use)
 
 
 @_routes.post(
@@ -128,15 +129,25 @@ async def _complete(
     kind: Kind,
     text: str,
     cache_key: str | None,
+    tool_use: ToolUse | None = None,
 ) -> Response:
     """Tokenize, admit and run a completion in OpenAI's framing."""
     tokens = await service.tokenize(text)
     params = req.sampling(
-        service.default_params(), n_prompt=len(tokens), n_ctx=service.settings.n_ctx
+        service.default_params(),
+        n_prompt=len(tokens),
+        n_ctx=service.settings.n_ctx,
+        tool_use=tool_use,
     )
     ticket = service.admit(tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    framing = OpenAIFraming(kind, service.model_id, stream=req.stream, include_usage=include_usage)
+    framing = OpenAIFraming(
+        kind,
+        service.model_id,
+        stream=req.stream,
+        include_usage=include_usage,
+        tools=tool_use.format.parser() if tool_use is not None else None,
+    )
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
     return service.respond(run)
 
