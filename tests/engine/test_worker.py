@@ -325,3 +325,40 @@ def test_a_shared_prompt_prefix_is_copied_from_another_slot(tiny_model: Path) ->
     finally:
         w.stop()
         fresh.stop()
+
+
+def _text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextChunk))
+
+
+def test_a_lazy_grammar_holds_the_reply_only_from_its_trigger_on(
+    worker: Worker, prompt: list[int]
+) -> None:
+    """A tool call's grammar under ``auto``: free text until the trigger, then held."""
+    free = SamplingParams(temperature=0.0, max_new_tokens=40, seed=1)
+    reply = _text(run(worker, prompt, free))
+    # A word the model writes of its own accord, somewhere after its first token.
+    trigger = next(w for w in ("日本", "世界", "東京", "テスト", "です") if w in reply[1:])
+    grammar = f'root ::= "{trigger}" " held!"'
+    lazy = free.updated(grammar=grammar, grammar_triggers=(f"[\\s\\S]*?({trigger})[\\s\\S]*",))
+    events = run(worker, prompt, lazy)
+    held = _text(events)
+    before = reply[: reply.index(trigger)]
+    assert held == before + trigger + " held!"  # the same free text, then the grammar
+    assert events[-1] == Finished("stop", len(prompt), events[-1].completion_tokens)  # type: ignore[union-attr]
+    # A trigger that never appears leaves the reply free.
+    never = free.updated(grammar=grammar, grammar_triggers=(r"[\s\S]*?(NEVER)[\s\S]*",))
+    assert _text(run(worker, prompt, never)) == reply
+
+
+def test_control_tokens_are_written_as_text_only_when_asked(
+    worker: Worker, tiny_model: Path
+) -> None:
+    """Tool-call markers such as Mistral's [TOOL_CALLS] are control tokens: the parser sees
+    them only when the job asks for special tokens as text."""
+    vocab = load_llama(str(tiny_model), vocab_only=True)
+    (im_start,) = vocab.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    vocab.close()
+    assert worker._piece(im_start) == b""
+    assert worker._piece(im_start, special=True) == b"<|im_start|>"
+    assert worker._piece(im_start) == b""  # each rendering cached apart
