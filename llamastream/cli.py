@@ -16,10 +16,10 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from llamastream.api.app import create_app
 from llamastream.config import Settings
-from llamastream.download import fetch
-from llamastream.service import Service
+
+if typing.TYPE_CHECKING:
+    from llamastream.service import Service
 
 logger = logging.getLogger("llamastream")
 
@@ -132,6 +132,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    from llamastream.api.app import create_app  # the engine loads only for `serve`
+    from llamastream.download import fetch
+
     if settings.model_path is None:
         logger.info(
             "no model configured: fetching the default model %r into %s/ (first run only)",

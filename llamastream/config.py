@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -203,6 +203,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `llamastream serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `llamastream serve` listens on.")
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")
+
+    @classmethod
+    def merged(cls, settings: Settings | None, **overrides: Any) -> Settings:
+        """``settings`` (or the environment's) with ``overrides`` by name, validated again."""
+        base = settings.model_dump() if settings is not None else {}
+        return cls(**{**base, **overrides})
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -96,6 +96,16 @@ class Service:
         finally:
             await self.stop()
 
+    def load(self) -> dict[str, int]:
+        """Busy and waiting requests, and their limits."""
+        load = self.slots.load()
+        return {
+            "processing": load.processing,
+            "waiting": load.waiting,
+            "max_processing": load.max_processing,
+            "max_waiting": load.max_waiting,
+        }
+
     # admission
 
     def check_ready(self) -> None:

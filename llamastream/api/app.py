@@ -32,8 +32,7 @@ def create_app(
 
     ``callback(request, message)`` is called once after every accepted chat request.
     """
-    base = settings.model_dump() if settings is not None else {}
-    service = Service(Settings(**{**base, **overrides}), callback=callback)
+    service = Service(Settings.merged(settings, **overrides), callback=callback)
     settings = service.settings
     store = open_store(settings)
 

@@ -14,21 +14,24 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.body import RequestBody, parse_body
-from llamastream.api.errors import NATIVE
+from llamastream.api.errors import NATIVE, invalid_from_validation
 from llamastream.chat.prompt import ChatPrompt
 from llamastream.config import Settings
+from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import GenerationParams, SamplingParams
+from llamastream.engine.slots import SlotController
 from llamastream.errors import (
     InputTooLongError,
     InvalidRequestError,
     LlamaStreamError,
     NothingToRegenerateError,
 )
+from llamastream.metrics import Metrics
 from llamastream.service import Service
 from llamastream.sessions.middleware import SessionManager
 from llamastream.sessions.record import Session, new_session_id
@@ -39,8 +42,6 @@ logger = logging.getLogger(__name__)
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 PROMPT_KEY = "chat_prompt"
 PARAMS_KEY = "generation_params"
-# How records written before the store stopped knowing `ChatPrompt` tagged the conversation.
-_LEGACY_PROMPT_TAG = "__chat_prompt__"
 
 
 class ChatRequest(BaseModel):
@@ -125,12 +126,33 @@ class ChatStream:
         self, settings: Settings | None = None, *, service: Service | None = None, **overrides: Any
     ) -> None:
         if service is None:
-            base = settings.model_dump() if settings is not None else {}
-            service = Service(Settings(**{**base, **overrides}))
+            service = Service(Settings.merged(settings, **overrides))
         elif settings is not None or overrides:
             raise ValueError("settings come with the service")
         self.service = service
         self.settings = service.settings
+
+    # the service's parts, as ChatStream has always shown them
+
+    @property
+    def slots(self) -> SlotController:
+        return self.service.slots
+
+    @property
+    def pool(self) -> WorkerPool:
+        return self.service.pool
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.service.metrics
+
+    @property
+    def draining(self) -> bool:
+        return self.service.draining
+
+    @property
+    def ready(self) -> bool:
+        return self.service.loaded
 
     # lifecycle, the service's
 
@@ -211,15 +233,7 @@ class ChatStream:
         return JSONResponse({"prompt": text, "messages": [m.to_dict() for m in prompt.messages]})
 
     async def handle_get_load_request(self, request: Request) -> Response:
-        load = self.service.slots.load()
-        return JSONResponse(
-            {
-                "processing": load.processing,
-                "waiting": load.waiting,
-                "max_processing": load.max_processing,
-                "max_waiting": load.max_waiting,
-            }
-        )
+        return JSONResponse(self.service.load())
 
     async def handle_set_generation_params_request(
         self, request: Request, request_body: RequestBody = None
@@ -264,8 +278,8 @@ class ChatStream:
         prompt = self._prompt_of(session)
         turn = _Turn(self.service, manager, prompt, list(prompt.messages), lock)
         _add_input(prompt, chat)
-        params = self._sampling_params(session)
         try:
+            params = self._sampling_params(session)
             tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, prompt, params)
             max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
@@ -306,16 +320,20 @@ class ChatStream:
         if isinstance(stored, ChatPrompt):
             prompt = stored
         else:
-            data = stored if isinstance(stored, dict) else {}
-            prompt = ChatPrompt.from_dict(data.get(_LEGACY_PROMPT_TAG, data))
-            session[PROMPT_KEY] = prompt
+            prompt = session[PROMPT_KEY] = ChatPrompt.from_record(stored)
         prompt.system_prompt = self.settings.system_prompt
         prompt.template = self.service.pool.template
         return prompt
 
     def _sampling_params(self, session: Session) -> SamplingParams:
         """The server's defaults with the session's own parameters (validated when set)."""
-        stored = GenerationParams.model_validate(session.get(PARAMS_KEY) or {})
+        try:
+            stored = GenerationParams.model_validate(session.get(PARAMS_KEY) or {})
+        except ValidationError as exc:  # set under older limits: the session must set them again
+            error = invalid_from_validation(exc)
+            raise InvalidRequestError(
+                f"generation_params.{error.message}", field=f"generation_params.{error.field}"
+            ) from None
         return stored.apply(self.service.default_params())
 
     def _effective_params(self, session: Session) -> dict[str, Any]:

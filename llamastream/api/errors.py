@@ -45,7 +45,17 @@ class Envelope(Protocol):
         ...
 
 
-class NativeEnvelope:
+class _JSONEnvelope:
+    """An envelope whose errors are JSON objects with the exception's status and headers."""
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def response(self, exc: LlamaStreamError) -> JSONResponse:
+        return JSONResponse(self.body(exc), status_code=exc.status_code, headers=_headers(exc))
+
+
+class NativeEnvelope(_JSONEnvelope):
     """``{"error": code, "message": ..., "field": ...}``; a plain-text stream is cut."""
 
     def body(self, exc: LlamaStreamError) -> dict[str, Any]:
@@ -54,14 +64,11 @@ class NativeEnvelope:
             body["field"] = exc.field
         return body
 
-    def response(self, exc: LlamaStreamError) -> JSONResponse:
-        return JSONResponse(self.body(exc), status_code=exc.status_code, headers=_headers(exc))
-
     def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
         return None  # plain text has no way to say so: the connection is cut
 
 
-class OpenAIEnvelope:
+class OpenAIEnvelope(_JSONEnvelope):
     """OpenAI's ``{"error": {message, type, param, code}}``; an SSE stream ends with it."""
 
     TYPES: ClassVar[dict[int, str]] = {
@@ -84,9 +91,6 @@ class OpenAIEnvelope:
                 "code": exc.code,
             }
         }
-
-    def response(self, exc: LlamaStreamError) -> JSONResponse:
-        return JSONResponse(self.body(exc), status_code=exc.status_code, headers=_headers(exc))
 
     def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
         return b"data: " + json.dumps(self.body(exc), ensure_ascii=False).encode() + b"\n\n"

@@ -40,15 +40,11 @@ _HEALTH = {
 )
 async def health(service: ServiceDep) -> JSONResponse:
     """200 when serving; 503 while the model loads or the server drains; with slot figures."""
-    load = service.slots.load()
     serving = service.status == "ok"
     body = {
         "status": service.status,
         "model": service.pool.model_name if service.loaded else None,
-        "processing": load.processing,
-        "waiting": load.waiting,
-        "max_processing": load.max_processing,
-        "max_waiting": load.max_waiting,
+        **service.load(),
     }
     headers = {"Cache-Control": "no-store"}
     if not serving:

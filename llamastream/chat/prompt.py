@@ -11,6 +11,7 @@ from typing import Any, Literal
 from llamastream.chat.templates import ChatTemplate
 
 Role = Literal["system", "user", "assistant"]
+RECORD_TAG = "__chat_prompt__"
 
 
 def new_message_id() -> str:
@@ -124,6 +125,16 @@ class ChatPrompt:
             "system_prompt": self.system_prompt,
             "messages": [m.to_dict() for m in self.messages],
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """How a session record keeps the conversation (tagged, as every version wrote it)."""
+        return {RECORD_TAG: self.to_dict()}
+
+    @classmethod
+    def from_record(cls, record: Any) -> ChatPrompt:
+        """The conversation a session record kept (an empty one for anything else)."""
+        data = record.get(RECORD_TAG, record) if isinstance(record, dict) else {}
+        return cls.from_dict(data if isinstance(data, dict) else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], template: ChatTemplate | None = None) -> ChatPrompt:

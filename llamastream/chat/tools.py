@@ -13,16 +13,17 @@ Face's shape, and turn `ToolCall` back into their own.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
 from llamastream.errors import InvalidRequestError
 
@@ -107,8 +108,11 @@ def check_tools(tools: Sequence[Tool], choice: ToolChoice) -> None:
         if names.index(name) != i:
             raise InvalidRequestError(f"tools: {name!r} is given twice", field=f"tools.{i}")
     for i, tool in enumerate(tools):
+        field = f"tools.{i}.function.parameters"
+        if tool.parameters.get("type", "object") != "object":
+            raise InvalidRequestError(f"{field}: must be a JSON schema of an object", field=field)
         try:
-            _converter().visit(tool.parameters, "params")
+            json_schema_gbnf(tool.parameters)
         except Exception as exc:
             raise InvalidRequestError(
                 f"tools.{i}.function.parameters: unsupported JSON schema: {exc}",
@@ -145,7 +149,7 @@ class ToolFormat:
     def _calls_grammar(self, tools: Sequence[Tool], choice: ToolChoice) -> SchemaConverter:
         """A converter holding the rule ``call``: one call of a tool ``choice`` allows."""
         chosen = [t for t in tools if choice.mode != "function" or t.name == choice.function]
-        schemas = [
+        schemas: list[dict[str, Any]] = [
             {
                 "type": "object",
                 "properties": {"name": {"const": t.name}, self.arguments_key: t.parameters},
@@ -154,6 +158,10 @@ class ToolFormat:
             for t in chosen
         ]
         converter = _converter({"name": 0, self.arguments_key: 1})
+        for i, schema in enumerate(schemas):  # each tool's own $refs, resolved in its schema
+            schema["properties"][self.arguments_key] = converter.resolve_refs(
+                copy.deepcopy(schema["properties"][self.arguments_key]), f"tool{i}"
+            )
         converter.visit({"anyOf": schemas} if len(schemas) > 1 else schemas[0], "call")
         return converter
 
@@ -163,21 +171,32 @@ class _Converter(SchemaConverter):  # type: ignore[misc]
     bounded integers held to their range."""
 
     def visit(self, schema: dict[str, Any], name: str) -> str:
-        if isinstance(schema, dict) and schema.get("type") == "integer":
+        held = not any(k in schema for k in ("$ref", "anyOf", "oneOf", "const", "enum"))
+        kind = schema.get("type")
+        if held and isinstance(kind, list):  # each type with the schema's own constraints
+            alternatives = [{**schema, "type": t} for t in kind]
+            return super().visit({"anyOf": alternatives}, name)  # type: ignore[no-any-return]
+        if held and kind == "integer":
             low, high = _int_bounds(schema)
             if low is not None or high is not None:
+                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
                 rule = f"({int_range_gbnf(low, high)}) space"  # `space`: the converter's own
-                return self._add_rule(name or "root", rule)  # type: ignore[no-any-return]
+                return self._add_rule(rule_name, rule)  # type: ignore[no-any-return]
         return super().visit(schema, name)  # type: ignore[no-any-return]
 
 
 def _int_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
-    low = schema.get("minimum")
-    if "exclusiveMinimum" in schema:
-        low = math.floor(schema["exclusiveMinimum"]) + 1
-    high = schema.get("maximum")
-    if "exclusiveMaximum" in schema:
-        high = math.ceil(schema["exclusiveMaximum"]) - 1
+    """The integer range a schema allows (draft 4's boolean exclusive bounds included)."""
+    low, high = schema.get("minimum"), schema.get("maximum")
+    below, above = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if isinstance(below, bool):
+        low = math.floor(low) + 1 if below and low is not None else low
+    elif below is not None:
+        low = math.floor(below) + 1 if low is None else max(low, math.floor(below) + 1)
+    if isinstance(above, bool):
+        high = math.ceil(high) - 1 if above and high is not None else high
+    elif above is not None:
+        high = math.ceil(above) - 1 if high is None else min(high, math.ceil(above) - 1)
     return (
         math.ceil(low) if low is not None else None,
         math.floor(high) if high is not None else None,
@@ -240,6 +259,17 @@ def _same_length(low: str, high: str) -> str:
 
 def _group(expression: str) -> str:
     return f"({expression})" if " | " in expression else expression
+
+
+def json_schema_gbnf(schema: dict[str, Any]) -> str:
+    """A GBNF grammar of the JSON documents ``schema`` allows (integer ranges held).
+
+    >>> "[1-3]" in json_schema_gbnf({"type": "integer", "minimum": 1, "maximum": 3})
+    True
+    """
+    converter = _converter()
+    converter.visit(converter.resolve_refs(copy.deepcopy(schema), "schema"), "")
+    return converter.format_grammar()  # type: ignore[no-any-return]
 
 
 def _converter(prop_order: dict[str, int] | None = None) -> SchemaConverter:
@@ -355,10 +385,12 @@ FORMATS: dict[FormatName, ToolFormat] = {
 
 
 def template_messages(
-    messages: Sequence[dict[str, Any]], format_name: FormatName
+    messages: Sequence[dict[str, Any]], format_name: FormatName, *, offered: bool = True
 ) -> list[dict[str, Any]]:
     """Messages in Hugging Face's shape for the template: tool calls with their arguments as
-    objects; for the generic format, calls and results written as text a template can show.
+    objects. For the generic format, calls and results are written as text a template can
+    show: as the JSON answers the model gives while tools are ``offered``, as plain text
+    otherwise (so a model told nothing of JSON answers is not shown any).
 
     Messages are ``{"role", "content", "tool_calls"?, "tool_call_id"?}`` with OpenAI's call
     shape (arguments as JSON text, already checked).
@@ -368,38 +400,37 @@ def template_messages(
     for message in messages:
         message = dict(message)
         calls = message.get("tool_calls")
-        if calls:
-            for call in calls:
-                names[call["id"]] = call["function"]["name"]
-            if format_name == "generic":
-                listed = [
-                    {
-                        "name": c["function"]["name"],
-                        "arguments": json.loads(c["function"]["arguments"]),
-                    }
-                    for c in calls
-                ]
-                message = {"role": "assistant", "content": json.dumps({"tool_calls": listed})}
-            else:
-                message["tool_calls"] = [
-                    {
-                        "id": c["id"],
-                        "type": "function",
-                        "function": {
-                            "name": c["function"]["name"],
-                            "arguments": json.loads(c["function"]["arguments"]),
-                        },
-                    }
-                    for c in calls
-                ]
+        parsed = [
+            (c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in calls or ()
+        ]
+        names.update((call_id, name) for call_id, name, _ in parsed)
+        generic = format_name == "generic"
+        if parsed and generic:
+            listed = [{"name": name, "arguments": args} for _, name, args in parsed]
+            text = json.dumps({"tool_calls": listed}, ensure_ascii=False)
+            if not offered:
+                text = "\n".join(
+                    f"Called {name}({json.dumps(args, ensure_ascii=False)})"
+                    for _, name, args in parsed
+                )
+            message = {"role": "assistant", "content": text}
+        elif parsed:
+            message["tool_calls"] = [
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+                for call_id, name, args in parsed
+            ]
         if message["role"] == "tool":
             name = names.get(message.get("tool_call_id", ""), "")
-            if format_name == "generic":
+            if generic:
                 result = {"tool_response": {"name": name, "content": message["content"]}}
-                message = {"role": "user", "content": json.dumps(result, ensure_ascii=False)}
+                text = json.dumps(result, ensure_ascii=False)
+                if not offered:
+                    text = f"Result of {name}: {message['content']}"
+                message = {"role": "user", "content": text}
             else:
                 message["name"] = name
-        elif format_name == "generic" and message["role"] == "assistant" and not calls:
+        elif generic and offered and message["role"] == "assistant" and not parsed:
             text = json.dumps({"response": message["content"]}, ensure_ascii=False)
             message = {"role": "assistant", "content": text}
         out.append(message)
@@ -427,14 +458,15 @@ class ToolCallParser:
 
     Content is passed on as it comes, except text that may begin a call (held back until it is
     known); a call is passed on only once it is complete, its id and name, then its arguments.
-    What never forms a call is content again at the end.
+    What never forms a call is content again at the end, unless the reply was cut (by its
+    length limit) in the middle of a call: a half-written call is never sent as text.
     """
 
     def __init__(
         self,
         fmt: ToolFormat,
         openers: tuple[str, ...],
-        read_calls: Any,
+        read_calls: Callable[[str], Found],
         *,
         at_start: bool = False,
     ) -> None:
@@ -470,27 +502,41 @@ class ToolCallParser:
         out.extend(self._take_calls())
         return out
 
-    def finish(self) -> Pieces:
-        """The end of the reply: whatever did not form a call is content."""
+    def finish(self, *, cut: bool = False) -> Pieces:
+        """The end of the reply (``cut``: by its length limit): whatever did not form a call
+        is content, but for a call cut in the middle."""
         out = self._take_calls()
-        rest = (self._section or "") + self._text
+        rest = self._text if cut else (self._section or "") + self._text
         self._section, self._text = None, ""
-        if rest:
+        if rest.strip() or (rest and not self.calls):
             out.append(rest)
         return out
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        pieces = self.feed(text) + self.finish()
+    def parse(self, text: str, *, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        pieces = self.feed(text) + self.finish(cut=cut)
         content = "".join(p for p in pieces if isinstance(p, str))
         return content, list(self.calls)
 
     def _take_calls(self) -> Pieces:
         if self._section is None:
             return []
+        out: Pieces = []
         found = self.read_calls(self._section)
-        if found is None:
-            return []
-        calls, self._section = found
+        if found is not None:
+            calls, self._section = found
+            out = self._emit(calls)
+        section = self._section
+        stripped = section.lstrip()
+        if stripped and not any(
+            o.startswith(stripped) or stripped.startswith(o) for o in self.openers
+        ):
+            # Prose after the calls: content again, passed on as it comes.
+            self._section, self._text = None, section
+            out.extend(self.feed(""))
+        return out
+
+    def _emit(self, calls: list[tuple[str, str]]) -> Pieces:
+        """News of newly complete calls: each one's id and name, then its arguments."""
         out: Pieces = []
         for name, arguments in calls:
             call = ToolCall(new_call_id(self.format.name), name, arguments)
@@ -601,38 +647,32 @@ class GenericParser(ToolCallParser):
     (decoded as it comes); ``{"tool_calls": [...]}`` becomes calls once complete."""
 
     def __init__(self, fmt: ToolFormat) -> None:
-        super().__init__(fmt, (), None)
+        super().__init__(fmt, (), lambda section: None)
         self._raw = ""
         self._decoded = 0  # characters of the response's JSON string passed on
 
     def feed(self, text: str) -> Pieces:
         self._raw += text
         if self._raw.startswith(GENERIC_RESPONSE):
-            return self._response_text(final=False)
+            return self._response_text()
         if GENERIC_RESPONSE.startswith(self._raw) or GENERIC_CALLS.startswith(self._raw):
             return []
         if self._raw.startswith(GENERIC_CALLS):
             return self._generic_calls(final=False)
         return []
 
-    def finish(self) -> Pieces:
+    def finish(self, *, cut: bool = False) -> Pieces:
         if self._raw.startswith(GENERIC_RESPONSE):
-            return self._response_text(final=True)
+            return self._response_text()
         if self._raw.startswith(GENERIC_CALLS):
-            return self._generic_calls(final=True)
+            return self._generic_calls(final=not cut)
         rest, self._raw = self._raw, ""
         return [rest] if rest else []
 
-    def _response_text(self, *, final: bool) -> Pieces:
-        body = self._raw[len(GENERIC_RESPONSE) - 1 :]  # from the string's opening quote
-        parsed = _object(body)
-        if parsed is not None and isinstance(parsed[0], str):
-            whole: str = parsed[0]
-        else:
-            whole = _partial_json_string(body[1:])
+    def _response_text(self) -> Pieces:
+        # Decoded as far as it goes (an answer cut by the length limit ends where it stopped).
+        whole = _partial_json_string(self._raw[len(GENERIC_RESPONSE) :])
         piece, self._decoded = whole[self._decoded :], len(whole)
-        if final and parsed is None:
-            piece += ""  # an unfinished answer (cut by the length limit) ends where it stopped
         return [piece] if piece else []
 
     def _generic_calls(self, *, final: bool) -> Pieces:
@@ -645,48 +685,56 @@ class GenericParser(ToolCallParser):
         items = parsed[0].get("tool_calls") if isinstance(parsed[0], dict) else None
         calls = [_call_of(item, "arguments") for item in items or []]
         if not calls or any(c is None for c in calls):
+            if not final:
+                return []
             rest, self._raw = self._raw, ""
-            return [rest] if final else []
+            return [rest]
         self._raw = ""
-        out: Pieces = []
-        for name, arguments in (c for c in calls if c is not None):
-            call = ToolCall(new_call_id(self.format.name), name, arguments)
-            index = len(self.calls)
-            self.calls.append(call)
-            out.append(CallDelta(index, id=call.id, name=name))
-            out.append(CallDelta(index, arguments=arguments))
-        return out
+        return self._emit([c for c in calls if c is not None])
 
 
 def _partial_json_string(raw: str) -> str:
-    """The decoded text of an unfinished JSON string (without its opening quote), up to the
-    last complete character or escape."""
+    """The decoded text of a JSON string as far as it has come (``raw`` starts after its
+    opening quote): up to its closing quote, or to the last complete character or escape.
+    A lone half of a surrogate pair decodes to U+FFFD (it is no character of its own)."""
     out = []
     i = 0
-    while i < len(raw):
-        c = raw[i]
-        if c == '"':
-            break
-        if c != "\\":
-            out.append(c)
+    while i < len(raw) and raw[i] != '"':
+        if raw[i] != "\\":
+            out.append(raw[i])
             i += 1
             continue
         if i + 1 >= len(raw):
-            break
-        if raw[i + 1] == "u":
-            if i + 6 > len(raw):
-                break
-            code = int(raw[i + 2 : i + 6], 16)
-            if 0xD800 <= code < 0xDC00:  # a surrogate pair: wait for its second half
-                if i + 12 > len(raw):
-                    break
-                low = int(raw[i + 8 : i + 12], 16)
-                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
-                i += 12
-                continue
-            out.append(chr(code))
-            i += 6
+            break  # an escape not complete yet
+        if raw[i + 1] != "u":
+            out.append(_ESCAPES.get(raw[i + 1], raw[i + 1]))
+            i += 2
             continue
-        out.append(json.loads(f'"\\{raw[i + 1]}"'))
-        i += 2
+        code = _hex4(raw, i + 2)
+        if code is None:
+            break
+        i += 6
+        if 0xD800 <= code < 0xDC00:  # a high surrogate: its pair's low half may follow
+            following = raw[i : i + 2]
+            if following in ("", "\\") or (following == "\\u" and _hex4(raw, i + 2) is None):
+                i -= 6
+                break  # not known yet
+            low = _hex4(raw, i + 2) if following == "\\u" else None
+            if low is not None and 0xDC00 <= low < 0xE000:
+                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                i += 6
+            else:
+                code = 0xFFFD
+        elif 0xDC00 <= code < 0xE000:
+            code = 0xFFFD
+        out.append(chr(code))
     return "".join(out)
+
+
+_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _hex4(raw: str, at: int) -> int | None:
+    """The four hex digits at ``raw[at:]``, None until all four have come."""
+    digits = raw[at : at + 4]
+    return int(digits, 16) if len(digits) == 4 else None

@@ -23,6 +23,8 @@ from typing import NamedTuple
 GPU_THREADS = 4  # threads of a worker whose layers are all on a GPU
 _SYS_CPU = Path("/sys/devices/system/cpu")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def plan_threads(
 ) -> ThreadPlan:
     """Thread counts of one worker: the settings where given, else derived from ``cpus``.
 
-    ``workers_on_cpu`` workers share the CPUs (several CPU workers split them evenly).
+    ``workers_on_cpu`` workers share the CPUs (several workers split them evenly).
 
     >>> plan_threads(CpuSet(32, 16), n_threads=None, n_threads_batch=None,
     ...              workers_on_cpu=1, all_on_gpu=False)[:2]
@@ -117,12 +119,38 @@ def _physical_cores(cpus: set[int]) -> int:
 
 
 def _cgroup_quota() -> int | None:
-    """CPUs the cgroup (v2) quota allows, rounded up; None without a quota."""
+    """CPUs the process's cgroup quota allows, rounded up; None without a quota.
+
+    cgroup v2: ``cpu.max`` of the process's own cgroup (``/proc/self/cgroup``), else of the
+    root; cgroup v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    """
+    for path in _cpu_max_files():
+        try:
+            quota, period = path.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        return _cpus(quota, period)
     try:
-        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
-    except (OSError, ValueError):
+        quota = (_CGROUP_V1 / "cpu.cfs_quota_us").read_text().strip()
+        period = (_CGROUP_V1 / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
         return None
-    if quota == "max":
+    return _cpus(quota, period)
+
+
+def _cpu_max_files() -> list[Path]:
+    files = []
+    try:
+        for line in _PROC_CGROUP.read_text().splitlines():
+            if line.startswith("0::"):
+                files.append(_CGROUP_CPU_MAX.parent / line[3:].strip("/") / "cpu.max")
+    except OSError:
+        pass
+    return [*files, _CGROUP_CPU_MAX]
+
+
+def _cpus(quota: str, period: str) -> int | None:
+    if quota in ("max", "-1"):
         return None
     try:
         return max(1, math.ceil(int(quota) / int(period)))

@@ -290,12 +290,13 @@ class Worker:
         assert self._model is not None
         n_layer = llama_cpp.llama_model_n_layer(self._model.model)
         layers = self.offload.n_gpu_layers
-        all_on_gpu = llama_cpp.llama_supports_gpu_offload() and (layers < 0 or layers >= n_layer)
+        # n_layer repeating layers and the output layer: all of them on the GPU?
+        all_on_gpu = llama_cpp.llama_supports_gpu_offload() and (layers < 0 or layers > n_layer)
         plan = plan_threads(
             CpuSet.current(),
             n_threads=self._n_threads,
             n_threads_batch=self._n_threads_batch,
-            workers_on_cpu=1 if all_on_gpu else self._cpu_share,
+            workers_on_cpu=self._cpu_share,
             all_on_gpu=all_on_gpu,
         )
         logger.info(

@@ -1,8 +1,8 @@
 """A session record: a dict of JSON values with its server-issued id.
 
 The store persists what the record serializes and knows nothing of its values' types: a value
-that is an object (a `ChatPrompt`) is written as its ``to_dict()`` and read back as that dict;
-its owner turns it into the object again when it uses it.
+that is an object (a `ChatPrompt`) is written as its ``to_record()`` and read back as that JSON
+object; its owner turns it into the object again when it uses it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def new_session_id() -> str:
 
 @runtime_checkable
 class Storable(Protocol):
-    """A session value that is stored as the JSON object ``to_dict()`` returns."""
+    """A session value that is stored as the JSON object ``to_record()`` returns."""
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def to_record(self) -> dict[str, Any]: ...
 
 
 class Session(dict):  # type: ignore[type-arg]
@@ -39,7 +39,7 @@ class Session(dict):  # type: ignore[type-arg]
     def to_json(self) -> str:
         def encode(value: Any) -> Any:
             if isinstance(value, Storable):
-                return value.to_dict()
+                return value.to_record()
             raise TypeError(f"session value of type {type(value).__name__} is not storable")
 
         return json.dumps(dict(self), default=encode, ensure_ascii=False)

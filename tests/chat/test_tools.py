@@ -295,3 +295,70 @@ def test_an_integer_range_in_a_tool_schema_reaches_the_grammar() -> None:
     )
     held = FORMATS["llama3"].grammar([tool], ToolChoice("required"))
     assert held is not None and "[1-7]" in held.gbnf
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("hermes", 'Checking. <tool_call>\n{"name": "get_time", "argu'),
+        ("llama3", '{"name": "get_time", "parameters": {"zo'),
+        ("mistral", '[TOOL_CALLS][{"name": "get_time", "arguments": {}}, {"na'),
+        ("generic", '{"tool_calls": [{"name": "get_time", "argum'),
+    ],
+)
+def test_a_call_cut_by_the_length_limit_is_never_sent_as_text(name: str, text: str) -> None:
+    content, calls = FORMATS[name].parser().parse(text, cut=True)  # type: ignore[index]
+    assert calls == []
+    assert content == ("Checking. " if name == "hermes" else "")
+    parser = FORMATS[name].parser()  # type: ignore[index]
+    streamed = [p for char in text for p in parser.feed(char)] + parser.finish(cut=True)
+    assert "".join(p for p in streamed if isinstance(p, str)) == content
+    assert not any(isinstance(p, CallDelta) for p in streamed)
+
+
+def test_prose_after_the_calls_streams_as_content() -> None:
+    parser = FORMATS["hermes"].parser()
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    pieces = parser.feed(call) + parser.feed("\nI asked for the time")
+    assert [p for p in pieces if isinstance(p, str)] == ["\nI asked for the time"]
+    assert parser.finish() == []
+
+
+def test_without_tools_offered_a_generic_history_is_plain_text() -> None:
+    offered = template_messages(HISTORY, "generic")
+    plain = template_messages(HISTORY, "generic", offered=False)
+    assert offered[1]["content"].startswith('{"tool_calls": ')
+    assert plain[1]["content"] == 'Called get_weather({"city": "Paris"})'
+    assert plain[2] == {"role": "user", "content": "Result of get_weather: sunny, 21°C"}
+    reply = {"role": "assistant", "content": "It is sunny."}
+    assert template_messages([reply], "generic")[0]["content"] == '{"response": "It is sunny."}'
+    assert template_messages([reply], "generic", offered=False)[0] == reply
+
+
+def test_schemas_with_refs_and_bounds_of_every_spelling() -> None:
+    schema = {
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}},
+        "type": "object",
+        "properties": {
+            "place": {"$ref": "#/$defs/Place"},
+            "old_style": {"type": "integer", "minimum": 2, "maximum": 4, "exclusiveMaximum": True},
+            "maybe": {"type": ["integer", "null"], "minimum": 5, "maximum": 6},
+            "pick": {"type": "integer", "enum": [10, 30], "minimum": 0},
+        },
+        "required": ["place", "old_style", "maybe", "pick"],
+    }
+    tool = Tool("plan", "", schema)
+    check_tools([tool], ToolChoice("required"))
+    held = FORMATS["hermes"].grammar([tool], ToolChoice("required"))
+    assert held is not None
+    llama_cpp.LlamaGrammar.from_string(held.gbnf, verbose=False)
+    assert "[2-3]" in held.gbnf  # draft 4: maximum 4, exclusive
+    assert "[5-6]" in held.gbnf  # the bounds of a nullable integer
+    assert '"10"' in held.gbnf and '"30"' in held.gbnf  # an enum wins over the range
+    assert schema["properties"]["place"] == {"$ref": "#/$defs/Place"}  # the request untouched
+
+
+def test_parameters_must_describe_an_object() -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        check_tools([Tool("f", "", {"type": "array"})], ToolChoice())
+    assert raised.value.field == "tools.0.function.parameters"

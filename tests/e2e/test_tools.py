@@ -165,11 +165,16 @@ def test_bad_tool_requests_get_400_naming_the_param(
             "tools.0.function.name",
         ),
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [TOOLS[0]["function"]]}, "functions"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as raised:
             client.chat.completions.create(model="tiny", messages=QUESTION, **extra)
         assert raised.value.body["param"] == param  # type: ignore[index]
+    misplaced: list[Any] = [{**QUESTION[0], "tool_call_id": "x"}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=misplaced, tools=TOOLS)
+    assert raised.value.body["param"] == "messages.0.tool_call_id"  # type: ignore[index]
     orphan: list[Any] = [*QUESTION, {"role": "tool", "tool_call_id": "x", "content": "?"}]
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="tiny", messages=orphan, tools=TOOLS)

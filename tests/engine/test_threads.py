@@ -24,13 +24,20 @@ def _topology(root: Path, cores: list[tuple[int, int]]) -> None:
         (topology / "core_id").write_text(f"{core}\n")
 
 
+@pytest.fixture(autouse=True)
+def _no_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' own cgroup files, none unless a test writes them."""
+    monkeypatch.setattr(threads, "_CGROUP_CPU_MAX", tmp_path / "cgroup" / "cpu.max")
+    monkeypatch.setattr(threads, "_CGROUP_V1", tmp_path / "cgroup-v1")
+    monkeypatch.setattr(threads, "_PROC_CGROUP", tmp_path / "proc-self-cgroup")
+
+
 def test_hyperthread_siblings_count_as_one_physical_core(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 8 logical CPUs: 2 packages x 2 cores x 2 hyper-threads.
     _topology(tmp_path, [(p, c) for _ in range(2) for p in range(2) for c in range(2)])
     monkeypatch.setattr(threads, "_SYS_CPU", tmp_path)
-    monkeypatch.setattr(threads, "_CGROUP_CPU_MAX", tmp_path / "absent")
     monkeypatch.setattr(threads, "_affinity", lambda: set(range(8)))
     assert CpuSet.current() == CpuSet(logical=8, physical=4)
     # An affinity mask of one hyper-thread pair is one core.
@@ -42,12 +49,31 @@ def test_a_cgroup_quota_caps_the_cpus(tmp_path: Path, monkeypatch: pytest.Monkey
     _topology(tmp_path, [(0, c) for c in range(16)])
     monkeypatch.setattr(threads, "_SYS_CPU", tmp_path)
     monkeypatch.setattr(threads, "_affinity", lambda: set(range(16)))
-    quota = tmp_path / "cpu.max"
-    monkeypatch.setattr(threads, "_CGROUP_CPU_MAX", quota)
+    quota = tmp_path / "cgroup" / "cpu.max"
+    quota.parent.mkdir()
     quota.write_text("250000 100000\n")  # 2.5 CPUs: 3 threads may run at once
     assert CpuSet.current() == CpuSet(logical=3, physical=3)
     quota.write_text("max 100000\n")
     assert CpuSet.current() == CpuSet(logical=16, physical=16)
+    # The process's own (nested) cgroup is read first.
+    (tmp_path / "proc-self-cgroup").write_text("0::/pods/llm\n")
+    nested = tmp_path / "cgroup" / "pods" / "llm" / "cpu.max"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("400000 100000\n")
+    assert CpuSet.current() == CpuSet(logical=4, physical=4)
+
+
+def test_a_cgroup_v1_quota_caps_the_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _topology(tmp_path, [(0, c) for c in range(8)])
+    monkeypatch.setattr(threads, "_SYS_CPU", tmp_path)
+    monkeypatch.setattr(threads, "_affinity", lambda: set(range(8)))
+    v1 = tmp_path / "cgroup-v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("50000\n")
+    assert CpuSet.current() == CpuSet(logical=2, physical=2)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert CpuSet.current() == CpuSet(logical=8, physical=8)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +83,8 @@ def test_a_cgroup_quota_caps_the_cpus(tmp_path: Path, monkeypatch: pytest.Monkey
         (CpuSet(32, 16), {}, (16, 32)),
         # The same host with every layer on a GPU: a few threads feed it.
         (CpuSet(32, 16), {"all_on_gpu": True}, (4, 4)),
+        # Eight GPUs on a 16-core host: the cores are shared, at most 4 each.
+        (CpuSet(32, 16), {"all_on_gpu": True, "workers_on_cpu": 8}, (2, 2)),
         # Two CPU workers split the CPUs.
         (CpuSet(32, 16), {"workers_on_cpu": 2}, (8, 16)),
         # A 2-core container.

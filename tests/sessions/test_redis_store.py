@@ -92,8 +92,8 @@ async def test_session_with_a_chat_prompt_survives_reopening(
     assert loaded is not None
     assert loaded.id == session.id
     # The store keeps what the value serialized; its owner makes a ChatPrompt of it again.
-    assert loaded["chat_prompt"] == prompt.to_dict()
-    assert ChatPrompt.from_dict(loaded["chat_prompt"]).messages == prompt.messages
+    assert loaded["chat_prompt"] == prompt.to_record()
+    assert ChatPrompt.from_record(loaded["chat_prompt"]).messages == prompt.messages
     assert loaded["generation_params"] == {"temperature": 0.2}
     assert await reopened.count() == 1
 

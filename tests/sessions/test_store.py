@@ -31,8 +31,8 @@ async def test_session_with_a_chat_prompt_survives_reopening(tmp_path: Path) -> 
     loaded = await reopened.load(session.id)
     assert loaded is not None
     # The store keeps what the value serialized; its owner makes a ChatPrompt of it again.
-    assert loaded["chat_prompt"] == prompt.to_dict()
-    assert ChatPrompt.from_dict(loaded["chat_prompt"]).messages == prompt.messages
+    assert loaded["chat_prompt"] == prompt.to_record()
+    assert ChatPrompt.from_record(loaded["chat_prompt"]).messages == prompt.messages
     assert loaded["generation_params"] == {"temperature": 0.2}
     assert await reopened.count() == 1
     await reopened.close()

@@ -60,7 +60,7 @@ class OpenAIFraming:
             return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
         out = self._role(run)
         if self.tools is not None:
-            out += self._pieces(run, self.tools.finish())
+            out += self._pieces(run, self.tools.finish(cut=reason == "length"))
             if self.tools.calls and reason == "stop":
                 reason = "tool_calls"
         out += self._event(self._chunk(run, None, reason))
@@ -128,8 +128,8 @@ class OpenAIFraming:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": run.reply}
             if self.tools is not None:
-                content, calls = self.tools.parse(run.reply)
-                message["content"] = content or (None if calls else "")
+                content, calls = self.tools.parse(run.reply, cut=reason == "length")
+                message["content"] = None if calls and not content.strip() else content
                 if calls:
                     message["tool_calls"] = [
                         {

@@ -221,6 +221,9 @@ class ChatCompletionRequest(_Common):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    # OpenAI's deprecated function calling: refused (400) rather than ignored.
+    functions: Any = None
+    function_call: Any = None
 
     def tool_use(self, template: ChatTemplate) -> ToolUse | None:
         """The tools this request offers the model and how (None: none are offered).
@@ -230,6 +233,11 @@ class ChatCompletionRequest(_Common):
         answers no call, call arguments that are not a JSON object.
         """
         self._check_history()
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise InvalidRequestError(
+                    f"{legacy} is not supported: use tools and tool_choice", field=legacy
+                )
         if self.tool_choice is not None and not self.tools:
             raise InvalidRequestError("tool_choice needs tools", field="tool_choice")
         if not self.tools or self.tool_choice == "none":
@@ -253,6 +261,14 @@ class ChatCompletionRequest(_Common):
     def _check_history(self) -> None:
         called: set[str] = set()
         for i, message in enumerate(self.messages):
+            if message.tool_calls is not None and message.role != "assistant":
+                field = f"messages.{i}.tool_calls"
+                raise InvalidRequestError(
+                    f"{field}: only assistant messages call tools", field=field
+                )
+            if message.tool_call_id is not None and message.role != "tool":
+                field = f"messages.{i}.tool_call_id"
+                raise InvalidRequestError(f"{field}: only tool messages answer calls", field=field)
             for j, call in enumerate(message.tool_calls or []):
                 field = f"messages.{i}.tool_calls.{j}.function.arguments"
                 try:
@@ -290,13 +306,13 @@ class ChatCompletionRequest(_Common):
         fmt = tool_use.format if tool_use is not None else None
         if fmt is not None or any(m.tool_calls or m.role == "tool" for m in self.messages):
             name = fmt.name if fmt is not None else detect_format(template.source)
-            messages = template_messages(messages, name)
+            messages = template_messages(messages, name, offered=fmt is not None)
         if isinstance(fmt, GenericFormat) and tool_use is not None:
             described = fmt.system_text(tool_use.tools, tool_use.choice)
-            if messages[0]["role"] == "system":
-                messages[0]["content"] += "\n\n" + described
-            else:
-                messages.insert(0, {"role": "system", "content": (system_prompt or "") + described})
+            if messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": system_prompt or ""})
+            head = messages[0]["content"]
+            messages[0]["content"] = f"{head}\n\n{described}" if head else described
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         tools = fmt.template_tools(tool_use.tools) if fmt and tool_use else None

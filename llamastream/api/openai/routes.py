@@ -101,8 +101,8 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     service.check_ready()
     settings = service.settings
     req = await parse_body(request, None, settings.max_body_bytes, ChatCompletionRequest)
-    _check_model(req.model, service)
     req.check_lengths(settings.max_input_chars)
+    _check_model(req.model, service)
     pool = service.pool
     tool_use = req.tool_use(pool.template)
     text = req.prompt_text(pool.template, pool.defuse, settings.system_prompt, tool_use)
@@ -117,8 +117,8 @@ async def completions(request: Request, service: ServiceDep) -> Response:
     service.check_ready()
     settings = service.settings
     req = await parse_body(request, None, settings.max_body_bytes, CompletionRequest)
-    _check_model(req.model, service)
     req.check_lengths(settings.max_input_chars)
+    _check_model(req.model, service)
     return await _complete(request, service, req, "text", req.text, None)
 
 
