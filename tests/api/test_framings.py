@@ -74,3 +74,26 @@ async def test_whole_answers_of_chat_and_text_completions(api: Client) -> None:
         assert answer["choices"][0]["logprobs"] is None
         assert isinstance(answer["choices"][0]["text"], str)
         assert answer["usage"]["completion_tokens"] == 3
+
+
+async def test_a_json_schema_response_holds_integer_ranges(api: Client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 11}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    async with api() as (client, _):
+        for seed in range(4):
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "tiny",
+                    "messages": MESSAGES,
+                    "seed": seed,
+                    "max_tokens": 32,
+                    "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+                },
+            )
+            value = json.loads(answer.json()["choices"][0]["message"]["content"])
+            assert 3 <= value["n"] <= 11

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from llamastream.chat.templates import ChatTemplate
@@ -21,6 +21,7 @@ from llamastream.chat.tools import (
     ToolFormat,
     check_tools,
     detect_format,
+    json_schema_gbnf,
     template_messages,
 )
 from llamastream.engine.sampling import SamplingParams
@@ -123,7 +124,7 @@ class ResponseFormat(BaseModel):
                 "json_schema.schema must be a JSON schema object", field="response_format"
             )
         try:
-            return json_schema_to_gbnf(json.dumps(schema))
+            return json_schema_gbnf(schema)
         except Exception as exc:
             raise InvalidRequestError(
                 f"unsupported JSON schema: {exc}", field="response_format"
