@@ -7,7 +7,7 @@ unknown paths and methods under /v1).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +22,8 @@ from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_
 from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
+
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
 router = APIRouter(prefix="/v1", route_class=OpenAIRoute)
 _routes = APIRouter(dependencies=[Depends(require("v1"))], route_class=OpenAIRoute)
@@ -98,14 +100,10 @@ async def list_models(service: ServiceDep) -> Response:
 )
 async def chat_completions(request: Request, service: ServiceDep) -> Response:
     """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
-    service.check_ready()
-    settings = service.settings
-    req = await parse_body(request, None, settings.max_body_bytes, ChatCompletionRequest)
-    req.check_lengths(settings.max_input_chars)
-    _check_model(req.model, service)
+    req = await _request(request, service, ChatCompletionRequest)
     pool = service.pool
     tool_use = req.tool_use(pool.template)
-    text = req.prompt_text(pool.template, pool.defuse, settings.system_prompt, tool_use)
+    text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
     return await _complete(request, service, req, "chat", text, req.conversation_key(), tool_use)
 
 
@@ -114,12 +112,21 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
 )
 async def completions(request: Request, service: ServiceDep) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
-    service.check_ready()
-    settings = service.settings
-    req = await parse_body(request, None, settings.max_body_bytes, CompletionRequest)
-    req.check_lengths(settings.max_input_chars)
-    _check_model(req.model, service)
+    req = await _request(request, service, CompletionRequest)
     return await _complete(request, service, req, "text", req.text, None)
+
+
+async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:
+    """The body as ``model``, once the server is ready; its texts' lengths and model checked."""
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, model)
+    req.check_lengths(service.settings.max_input_chars)
+    if req.model != service.model_id:
+        raise ModelNotFoundError(
+            f"the model {req.model!r} does not exist; this server runs {service.model_id!r}",
+            field="model",
+        )
+    return req
 
 
 async def _complete(
@@ -150,14 +157,6 @@ async def _complete(
     )
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
     return service.respond(run)
-
-
-def _check_model(name: str, service: Service) -> None:
-    if name != service.model_id:
-        raise ModelNotFoundError(
-            f"the model {name!r} does not exist; this server runs {service.model_id!r}",
-            field="model",
-        )
 
 
 router.include_router(_routes)
