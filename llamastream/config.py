@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         "set, else every logical CPU this process may use (at most 4 with every layer on a "
         "GPU).",
     )
+    reasoning_format: Literal["auto", "none"] = Field(
+        "auto",
+        description="A thinking model's reasoning (<think>...</think>) on /v1: `auto` sends "
+        "it apart as reasoning_content; `none` leaves it in content.",
+    )
     system_prompt: str | None = Field(
         None, description="System message placed first in every conversation."
     )

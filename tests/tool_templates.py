@@ -87,3 +87,17 @@ MISTRAL = (
     "{%- endif %}"
     "{%- endfor %}"
 )
+
+# A thinking model's (DeepSeek-R1 / Qwen 3 shape): the generation prompt opens <think>, and
+# closes it at once when enable_thinking is false.
+THINKING = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)

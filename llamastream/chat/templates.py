@@ -73,12 +73,14 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text; `PromptTemplateError` when the template refuses the messages.
 
-        ``tools`` reach the template as Hugging Face's ``apply_chat_template`` passes them.
+        ``tools`` reach the template as Hugging Face's ``apply_chat_template`` passes them;
+        ``variables`` are more of the template's variables (``enable_thinking``, for one).
         """
-        extra = {"tools": list(tools)} if tools else {}
+        extra = {**(variables or {}), **({"tools": list(tools)} if tools else {})}
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],

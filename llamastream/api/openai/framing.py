@@ -10,6 +10,7 @@ from typing import Any, Literal
 from starlette.responses import Response
 
 from llamastream.api.errors import OPENAI
+from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCallParser
 from llamastream.errors import LlamaStreamError
 from llamastream.streaming import Run
@@ -28,12 +29,14 @@ class OpenAIFraming:
         stream: bool,
         include_usage: bool,
         tools: ToolCallParser | None = None,
+        reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
         self.streaming = stream
         self.include_usage = include_usage
         self.tools = tools  # reads tool calls out of the reply when the request offered tools
+        self.reasoning = reasoning  # keeps a thinking model's reasoning apart from its answer
         self.created = int(time.time())
         self._role_sent = False
 
@@ -46,9 +49,22 @@ class OpenAIFraming:
         ]
 
     def piece(self, run: Run, text: str) -> bytes:
+        if self.reasoning is None:
+            return self._role(run) + self._answer(run, text)
+        out = self._role(run)
+        for kind, part in self.reasoning.feed(text):
+            out += self._answer(run, part) if kind == "content" else self._thought(run, part)
+        return out
+
+    def _answer(self, run: Run, text: str) -> bytes:
+        """Chunks of the answer's text (content, or tool calls read out of it)."""
         if self.tools is None:
-            return self._role(run) + self._event(self._chunk(run, text, None))
-        return self._role(run) + self._pieces(run, self.tools.feed(text))
+            return self._event(self._chunk(run, text, None))
+        return self._pieces(run, self.tools.feed(text))
+
+    def _thought(self, run: Run, text: str) -> bytes:
+        delta = self._chunk_with({"reasoning_content": text}, None)
+        return self._event({**self._envelope(run), **delta})
 
     def tail(self, run: Run) -> bytes:
         finished = run.finished
@@ -59,6 +75,8 @@ class OpenAIFraming:
         if not self.streaming:
             return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
         out = self._role(run)
+        for kind, part in self.reasoning.finish() if self.reasoning is not None else []:
+            out += self._answer(run, part) if kind == "content" else self._thought(run, part)
         if self.tools is not None:
             out += self._pieces(run, self.tools.finish(cut=reason == "length"))
             if self.tools.calls and reason == "stop":
@@ -127,8 +145,12 @@ class OpenAIFraming:
     def _whole(self, run: Run, reason: str) -> dict[str, Any]:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": run.reply}
+            if self.reasoning is not None:
+                thought, message["content"] = self.reasoning.split(run.reply)
+                if thought:
+                    message["reasoning_content"] = thought
             if self.tools is not None:
-                content, calls = self.tools.parse(run.reply, cut=reason == "length")
+                content, calls = self.tools.parse(message["content"], cut=reason == "length")
                 message["content"] = None if calls and not content.strip() else content
                 if calls:
                     message["tool_calls"] = [

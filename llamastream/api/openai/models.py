@@ -40,6 +40,9 @@ from llamastream.limits import (
     TopP,
 )
 
+# Template variables the server sets itself.
+_TEMPLATE_NAMES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
 
 @dataclass(frozen=True)
 class ToolUse:
@@ -222,6 +225,8 @@ class ChatCompletionRequest(_Common):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    reasoning_format: Literal["auto", "none"] | None = None  # over the server's setting
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     # OpenAI's deprecated function calling: refused (400) rather than ignored.
     functions: Any = None
     function_call: Any = None
@@ -317,8 +322,15 @@ class ChatCompletionRequest(_Common):
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         tools = fmt.template_tools(tool_use.tools) if fmt and tool_use else None
+        variables = self.chat_template_kwargs or {}
+        reserved = sorted(set(variables) & _TEMPLATE_NAMES)
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs: {reserved[0]!r} is set by the server",
+                field="chat_template_kwargs",
+            )
         try:
-            return template.render(messages, tools=tools)
+            return template.render(messages, tools=tools, variables=variables)
         except InvalidRequestError as exc:
             exc.field = "messages"
             raise
