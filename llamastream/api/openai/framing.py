@@ -10,6 +10,7 @@ from typing import Any, Literal
 from starlette.responses import Response
 
 from llamastream.api.errors import OPENAI
+from llamastream.chat.reasoning import Pieces as ReasoningPieces
 from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCallParser
 from llamastream.errors import LlamaStreamError
@@ -51,8 +52,12 @@ class OpenAIFraming:
     def piece(self, run: Run, text: str) -> bytes:
         if self.reasoning is None:
             return self._role(run) + self._answer(run, text)
-        out = self._role(run)
-        for kind, part in self.reasoning.feed(text):
+        return self._role(run) + self._split(run, self.reasoning.feed(text))
+
+    def _split(self, run: Run, parts: ReasoningPieces) -> bytes:
+        """Chunks of reasoning and of the answer, in the order they came."""
+        out = b""
+        for kind, part in parts:
             out += self._answer(run, part) if kind == "content" else self._thought(run, part)
         return out
 
@@ -63,8 +68,11 @@ class OpenAIFraming:
         return self._pieces(run, self.tools.feed(text))
 
     def _thought(self, run: Run, text: str) -> bytes:
-        delta = self._chunk_with({"reasoning_content": text}, None)
-        return self._event({**self._envelope(run), **delta})
+        return self._delta(run, {"reasoning_content": text})
+
+    def _delta(self, run: Run, delta: dict[str, Any]) -> bytes:
+        """One chat chunk carrying ``delta``."""
+        return self._event({**self._envelope(run), **self._chunk_with(delta, None)})
 
     def tail(self, run: Run) -> bytes:
         finished = run.finished
@@ -75,8 +83,8 @@ class OpenAIFraming:
         if not self.streaming:
             return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
         out = self._role(run)
-        for kind, part in self.reasoning.finish() if self.reasoning is not None else []:
-            out += self._answer(run, part) if kind == "content" else self._thought(run, part)
+        if self.reasoning is not None:
+            out += self._split(run, self.reasoning.finish())
         if self.tools is not None:
             out += self._pieces(run, self.tools.finish(cut=reason == "length"))
             if self.tools.calls and reason == "stop":
@@ -98,8 +106,7 @@ class OpenAIFraming:
         if self.kind != "chat" or self._role_sent:
             return b""
         self._role_sent = True
-        delta = {"role": "assistant", "content": ""}
-        return self._event({**self._envelope(run), **self._chunk_with(delta, None)})
+        return self._delta(run, {"role": "assistant", "content": ""})
 
     def _envelope(self, run: Run) -> dict[str, Any]:
         prefix, obj = (
@@ -137,9 +144,7 @@ class OpenAIFraming:
                 call["function"] = {"name": piece.name, "arguments": ""}
             else:
                 call["function"] = {"arguments": piece.arguments}
-            out += self._event(
-                {**self._envelope(run), **self._chunk_with({"tool_calls": [call]}, None)}
-            )
+            out += self._delta(run, {"tool_calls": [call]})
         return out
 
     def _whole(self, run: Run, reason: str) -> dict[str, Any]:
