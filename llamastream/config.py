@@ -121,8 +121,15 @@ class Settings(BaseSettings):
     )
     reasoning_format: Literal["auto", "none"] = Field(
         "auto",
-        description="A thinking model's reasoning (<think>...</think>) on /v1: `auto` sends "
-        "it apart as reasoning_content; `none` leaves it in content.",
+        description="A thinking model's reasoning (<think>...</think>): `auto` keeps it apart "
+        "from the answer (reasoning_content on /v1; its own part of the session chat and its "
+        "history); `none` leaves it in the answer's text.",
+    )
+    reasoning_budget: int = Field(
+        -1,
+        ge=-1,
+        description="A thinking model's reasoning closed after this many tokens (its closing "
+        "tag written for it; the answer follows); 0 closes it at once, -1: no budget.",
     )
     system_prompt: str | None = Field(
         None, description="System message placed first in every conversation."

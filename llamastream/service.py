@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
+from llamastream.chat.reasoning import ReasoningBudget, Thinking, think_tags
 from llamastream.config import Settings
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
@@ -51,6 +52,7 @@ class Service:
             metrics=self.metrics,
         )
         self.turn_locks = TurnLocks()
+        self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
         self.loaded = False
         self.draining = False
 
@@ -134,6 +136,23 @@ class Service:
     def default_params(self) -> SamplingParams:
         """The server's default sampling parameters."""
         return SamplingParams.from_settings(self.settings)
+
+    def thinking(self, prompt: str, budget: int | None = None) -> Thinking | None:
+        """How the model thinks in its reply to ``prompt`` (None: its template does not
+        think); ``budget`` in tokens over the ``reasoning_budget`` setting (-1: none)."""
+        tags = think_tags(self.pool.template.source)
+        if tags is None:
+            return None
+        limit = self.settings.reasoning_budget if budget is None else budget
+        inside = tags.opened_by(prompt)
+        held = None
+        if limit >= 0:
+            close = self._closing.get(tags.close)
+            if close is None:
+                close = tuple(self.pool.tokenize_piece(f"\n{tags.close}\n\n"))
+                self._closing[tags.close] = close
+            held = ReasoningBudget(tags, limit, close, inside)
+        return Thinking(tags, inside, self.pool.is_control(tags.open), held)
 
     async def tokenize(self, text: str) -> list[int]:
         """Prompt text → tokens, off the event loop."""

@@ -237,16 +237,28 @@ class WorkerPool:
             self._vocab.close()
             self._vocab = None
 
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt text → tokens (blocking but short; call it from a thread)."""
+    def tokenize(self, text: str, *, bos: bool = True) -> list[int]:
+        """Prompt text → tokens (blocking but short; call it from a thread); ``bos=False``
+        for a piece of text that does not begin a prompt."""
         with self._vocab_lock:
             if self._vocab is None:
                 raise RuntimeError("the pool is not started")
-            tokens = self._vocab.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
-            bos = self._vocab.token_bos()
-        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+            tokens = self._vocab.tokenize(
+                text.encode("utf-8"), add_bos=self.add_bos and bos, special=True
+            )
+            bos_id = self._vocab.token_bos()
+        if len(tokens) > 1 and tokens[0] == bos_id and tokens[1] == bos_id:
             tokens = tokens[1:]  # the template already wrote the BOS text
         return tokens
+
+    def tokenize_piece(self, text: str) -> list[int]:
+        """The tokens of ``text`` written in the middle of a reply: without the space some
+        tokenizers put before a text's first word."""
+        head = self.tokenize("a", bos=False)
+        tokens = self.tokenize("a" + text, bos=False)
+        if tokens[: len(head)] == head:
+            return tokens[len(head) :]
+        return self.tokenize(text, bos=False)
 
     def defuse(self, text: str) -> str:
         """``text`` with every control-token spelling broken (a word joiner after its first
@@ -255,6 +267,10 @@ class WorkerPool:
         if self._control is None:
             return text
         return self._control.sub(lambda m: m[0][0] + "\u2060" + m[0][1:], text)
+
+    def is_control(self, text: str) -> bool:
+        """Whether ``text`` is the spelling of one of the model's control tokens."""
+        return self._control is not None and self._control.fullmatch(text) is not None
 
     def _control_token_pattern(self) -> re.Pattern[str] | None:
         assert self._vocab is not None

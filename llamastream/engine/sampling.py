@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Strict
 
+from llamastream.chat.reasoning import ReasoningBudget
 from llamastream.errors import InvalidRequestError
 from llamastream.limits import MaxNewTokens, RepeatPenalty, Seed, Temperature, TopK, TopP
 
@@ -35,6 +36,8 @@ class SamplingParams:
     special_tokens: bool = False
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # A thinking model's reasoning closed after so many tokens (None: no budget).
+    reasoning: ReasoningBudget | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SamplingParams:

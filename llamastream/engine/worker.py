@@ -28,6 +28,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from llamastream.chat.reasoning import BudgetWatch
 from llamastream.engine.gpu import Offload
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.stops import StopScanner
@@ -128,6 +129,12 @@ class _Slot:
         self.generated = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopScanner(job.params.stop)
+        # Tokens written for the model instead of sampled: a reasoning budget's closing tag.
+        self.forced: list[int] = []
+        budget = job.params.reasoning
+        self.budget = BudgetWatch(budget) if budget is not None else None
+        if self.budget is not None and self.budget.at_start():
+            self.forced = list(self.budget.budget.close_tokens)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
         p = job.params
         penalized = p.repeat_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
@@ -579,6 +586,10 @@ class Worker:
 
     def _sample(self, slot: _Slot) -> int | BaseException:
         assert self._ctx is not None
+        if slot.forced:
+            token = slot.forced.pop(0)
+            llama_cpp.llama_sampler_accept(slot.sampler.sampler, token)  # a grammar follows it
+            return token
         try:
             if slot.recent:
                 self._penalize(slot)
@@ -618,8 +629,10 @@ class Worker:
             self._end(slot, self._flush(slot, "stop"))
             return
         slot.generated += 1
-        piece = self._piece(token, job.params.special_tokens)
-        text, stopped = slot.stops.feed(slot.decoder.decode(piece))
+        piece = slot.decoder.decode(self._piece(token, job.params.special_tokens))
+        if slot.budget is not None and slot.budget.feed(piece):
+            slot.forced = list(slot.budget.budget.close_tokens)
+        text, stopped = slot.stops.feed(piece)
         if text:
             job.on_event(TextChunk(text))
         if stopped:

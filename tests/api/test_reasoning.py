@@ -66,3 +66,57 @@ async def test_a_model_that_does_not_think_has_no_reasoning(api: Client) -> None
     async with api() as (client, _):
         message = await client.post("/v1/chat/completions", json={**BODY, "model": "tiny"})
         assert "reasoning_content" not in message.json()["choices"][0]["message"]
+
+
+async def test_reasoning_budget_closes_the_thinking(api: Client, thinking_model: Path) -> None:
+    greedy = {**BODY, "temperature": 0, "max_tokens": 16, "reasoning_format": "none"}
+    async with api(model_path=thinking_model) as (client, _):
+
+        async def reply(**changes: Any) -> dict[str, Any]:
+            answer = await client.post("/v1/chat/completions", json={**greedy, **changes})
+            assert answer.status_code == 200, answer.text
+            return answer.json()  # type: ignore[no-any-return]
+
+        free = (await reply())["choices"][0]["message"]["content"]
+        first3 = (await reply(max_tokens=3))["choices"][0]["message"]["content"]
+        assert "</think>" not in free  # the random model never closes it by itself
+        budgeted = await reply(reasoning_budget=3)
+        raw = budgeted["choices"][0]["message"]["content"]
+        # Three tokens of reasoning, then the closing tag written for the model, then more.
+        assert raw.startswith(first3 + "\n</think>\n\n") and len(raw) > len(first3) + 11
+        assert budgeted["usage"]["completion_tokens"] == 16
+        split = await reply(reasoning_budget=3, reasoning_format="auto")
+        message = split["choices"][0]["message"]
+        # The reasoning keeps its last line's end (the "\n" before the closing tag).
+        assert message["reasoning_content"] == first3.lstrip() + "\n"
+        assert message["content"] == raw.split("</think>\n\n", 1)[1]
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json={**greedy, "reasoning_budget": 3, "reasoning_format": "auto", "stream": True},
+        )
+        deltas = [
+            json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
+            for line in streamed.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == first3.lstrip() + "\n"
+        assert "".join(d.get("content", "") for d in deltas) == message["content"]
+        none = (await reply(reasoning_budget=0, reasoning_format="auto"))["choices"][0]
+        assert "reasoning_content" not in none["message"] and none["message"]["content"]
+
+
+async def test_reasoning_budget_setting_and_bad_values(api: Client, thinking_model: Path) -> None:
+    async with api(model_path=thinking_model, reasoning_budget=0) as (client, _):
+        longer = {**BODY, "max_tokens": 16}  # room for the closing tag's tokens and more
+        message = (await client.post("/v1/chat/completions", json=longer)).json()
+        assert "reasoning_content" not in message["choices"][0]["message"]
+        assert message["choices"][0]["message"]["content"]
+        unlimited = {**BODY, "reasoning_budget": -1}
+        again = (await client.post("/v1/chat/completions", json=unlimited)).json()
+        assert again["choices"][0]["message"]["reasoning_content"]
+        for bad in (-2, True, "3"):
+            refused = await client.post(
+                "/v1/chat/completions", json={**BODY, "reasoning_budget": bad}
+            )
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "reasoning_budget"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from llama_cpp.llama_grammar import JSON_GBNF
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from llamastream.chat.templates import ChatTemplate
 from llamastream.chat.tools import (
@@ -75,6 +75,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's reasoning, for the template
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -226,6 +227,7 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
     reasoning_format: Literal["auto", "none"] | None = None  # over the server's setting
+    reasoning_budget: Annotated[StrictInt, Field(ge=-1)] | None = None  # tokens
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     # OpenAI's deprecated function calling: refused (400) rather than ignored.
     functions: Any = None
@@ -272,6 +274,9 @@ class ChatCompletionRequest(_Common):
                 raise InvalidRequestError(
                     f"{field}: only assistant messages call tools", field=field
                 )
+            if message.reasoning_content is not None and message.role != "assistant":
+                field = f"messages.{i}.reasoning_content"
+                raise InvalidRequestError(f"{field}: only assistant messages reason", field=field)
             if message.tool_call_id is not None and message.role != "tool":
                 field = f"messages.{i}.tool_call_id"
                 raise InvalidRequestError(f"{field}: only tool messages answer calls", field=field)
@@ -355,6 +360,8 @@ class ChatCompletionRequest(_Common):
             ]
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            message["reasoning_content"] = defuse(m.reasoning_content)
         return message
 
     def conversation_key(self) -> str | None:

@@ -19,7 +19,7 @@ from llamastream.api.errors import OpenAIRoute, unmatched
 from llamastream.api.openai.framing import Kind, OpenAIFraming
 from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest, ToolUse
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
-from llamastream.chat.reasoning import ReasoningSplitter, opens_thinking, thinks
+from llamastream.chat.reasoning import Thinking
 from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
@@ -105,14 +105,10 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     pool = service.pool
     tool_use = req.tool_use(pool.template)
     text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
+    thinking = service.thinking(text, req.reasoning_budget)
     split = (req.reasoning_format or service.settings.reasoning_format) == "auto"
-    reasoning = (
-        ReasoningSplitter(inside=opens_thinking(text))
-        if split and thinks(pool.template.source)
-        else None
-    )
     return await _complete(
-        request, service, req, "chat", text, req.conversation_key(), tool_use, reasoning
+        request, service, req, "chat", text, req.conversation_key(), tool_use, thinking, split
     )
 
 
@@ -146,7 +142,8 @@ async def _complete(
     text: str,
     cache_key: str | None,
     tool_use: ToolUse | None = None,
-    reasoning: ReasoningSplitter | None = None,
+    thinking: Thinking | None = None,
+    split: bool = False,
 ) -> Response:
     """Tokenize, admit and run a completion in OpenAI's framing."""
     tokens = await service.tokenize(text)
@@ -156,6 +153,8 @@ async def _complete(
         n_ctx=service.settings.n_ctx,
         tool_use=tool_use,
     )
+    if thinking is not None:
+        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
     ticket = service.admit(tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     framing = OpenAIFraming(
@@ -164,7 +163,7 @@ async def _complete(
         stream=req.stream,
         include_usage=include_usage,
         tools=tool_use.format.parser() if tool_use is not None else None,
-        reasoning=reasoning,
+        reasoning=thinking.splitter() if thinking is not None and split else None,
     )
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
     return service.respond(run)
