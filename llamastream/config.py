@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         "set, else every logical CPU this process may use (at most 4 with every layer on a "
         "GPU).",
     )
+    chat_template_file: Path | None = Field(
+        None,
+        description="A Jinja chat template file used instead of the one in the GGUF (Hugging "
+        "Face's variables: messages, tools, add_generation_prompt, bos_token, eos_token).",
+    )
     reasoning_format: Literal["auto", "none"] = Field(
         "auto",
         description="A thinking model's reasoning (<think>...</think>): `auto` keeps it apart "

@@ -1,6 +1,11 @@
 """Screenshot the chat page after a short real conversation (for the README).
 
-    python scripts/screenshot_web.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf docs/chat.png
+    python scripts/screenshot_web.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --chat-template-file scripts/templates/chatml-think.jinja --reasoning-budget 10 \
+        docs/chat.png
+
+(the template makes the model think first, the budget closes its reasoning after 10 tokens;
+the first reply's reasoning block is opened for the picture.)
 
 Needs Debian's chromium and the `playwright` package (no browser download).
 """
@@ -26,11 +31,19 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--height", type=int, default=640)
+    parser.add_argument("--chat-template-file", type=Path)
+    parser.add_argument("--reasoning-budget", type=int, default=-1)
     args = parser.parse_args()
 
     sessions = tempfile.mkdtemp()
     app = create_app(
-        model_path=args.model, session_dir=sessions, temperature=0.2, max_new_tokens=120, seed=1
+        model_path=args.model,
+        session_dir=sessions,
+        temperature=0.2,
+        max_new_tokens=120,
+        seed=1,
+        chat_template_file=args.chat_template_file,
+        reasoning_budget=args.reasoning_budget,
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -52,6 +65,9 @@ def main() -> None:
             page.press("#input", "Enter")
             page.wait_for_selector(".message.assistant:not(.streaming)")
             page.wait_for_function("document.body.dataset.busy === ''", timeout=60_000)
+        first = page.locator(".message.assistant details.reasoning:not([hidden]) summary")
+        if first.count():
+            first.first.click()
         page.screenshot(path=str(args.out))
         browser.close()
     server.should_exit = True

@@ -101,3 +101,16 @@ THINKING = (
     "{%- endif %}"
     "{%- endif %}"
 )
+
+# A thinking template that shows past reasoning again (Hugging Face's `reasoning_content`),
+# as Qwen 3's does for the replies after the last user message.
+THINKING_KEEPS_REASONING = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.reasoning_content is defined and message.reasoning_content %}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)

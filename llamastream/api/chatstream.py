@@ -8,19 +8,21 @@ context, and ChatStream's wire format (the reply as plain text).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 import anyio.to_thread
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.body import RequestBody, parse_body
 from llamastream.api.errors import NATIVE, invalid_from_validation
 from llamastream.chat.prompt import ChatPrompt
+from llamastream.chat.reasoning import Kind, Thinking
 from llamastream.config import Settings
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import GenerationParams, SamplingParams
@@ -49,12 +51,15 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    user_input: StrictStr | None = Field(None, min_length=1)
+    user_input: StrictStr | None = None
     regenerate: StrictBool = False
 
     def check(self, max_chars: int) -> None:
-        """Refuse a turn with no input (unless regenerating) or too long an input."""
-        if not self.regenerate and self.user_input is None:
+        """Refuse a turn with no input (unless regenerating: then an empty input is none, as
+        ChatStream's clients send it) or too long an input."""
+        if self.regenerate and self.user_input == "":
+            self.user_input = None
+        if not self.regenerate and not self.user_input:
             raise InvalidRequestError("user_input is required", field="user_input")
         if self.user_input is not None and len(self.user_input) > max_chars:
             raise InvalidRequestError(
@@ -63,22 +68,52 @@ class ChatRequest(BaseModel):
 
 
 class PlainTextFraming:
-    """ChatStream's wire format: the reply as bare UTF-8 text chunks."""
+    """ChatStream's wire format: the reply as bare UTF-8 text chunks.
+
+    A thinking model's reasoning, when kept apart, comes first between its model's tags, always
+    both written (``<think>…</think>`` then a blank line), so a client can tell it from the
+    answer even when the prompt opened the tag.
+    """
 
     streaming = True
+    media_type = b"text/plain; charset=utf-8"
+
+    def __init__(self, thinking: Thinking | None = None) -> None:
+        self.thinking = thinking
+        self._splitter = thinking.splitter() if thinking is not None else None
+        self._in: Kind | None = None  # the part being written
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
         return 200, [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", self.media_type),
             (b"cache-control", b"no-store"),
             (b"x-accel-buffering", b"no"),
             (MESSAGE_ID_HEADER.lower().encode(), run.id.encode()),
         ]
 
     def piece(self, run: Run, text: str) -> bytes:
-        return text.encode()
+        if self._splitter is None:
+            return self._part("content", text)
+        return b"".join(self._part(kind, part) for kind, part in self._splitter.feed(text))
 
     def tail(self, run: Run) -> bytes:
+        parts = self._splitter.finish() if self._splitter is not None else []
+        out = b"".join(self._part(kind, part) for kind, part in parts)
+        return out + self._end(run)
+
+    def _part(self, kind: Kind, text: str) -> bytes:
+        tags = self.thinking.tags if self.thinking is not None else None
+        out = ""
+        if kind == "reasoning" and self._in is None and tags is not None:
+            out = tags.open
+        elif kind == "content" and self._in == "reasoning" and tags is not None:
+            out = tags.close + "\n\n"
+        self._in = kind
+        return (out + text).encode()
+
+    def _end(self, run: Run) -> bytes:
+        if self._in == "reasoning" and self.thinking is not None:
+            return self.thinking.tags.close.encode()  # the reply ended while thinking
         return b""
 
     def error_tail(self, run: Run, exc: LlamaStreamError) -> bytes | None:
@@ -86,6 +121,44 @@ class PlainTextFraming:
 
     def error_response(self, exc: LlamaStreamError) -> Response:
         return NATIVE.response(exc)
+
+
+class NdjsonFraming(PlainTextFraming):
+    """The reply as JSON lines (``Accept: application/x-ndjson``): ``{"type": "reasoning" |
+    "content", "text"}`` as they come, then ``{"type": "done", "finish_reason", "message_id",
+    "usage"}``; an error after the stream started ends it with ``{"type": "error", ...}``."""
+
+    media_type = b"application/x-ndjson"
+
+    def _part(self, kind: Kind, text: str) -> bytes:
+        return _line({"type": kind, "text": text}) if text else b""
+
+    def _end(self, run: Run) -> bytes:
+        finished = run.finished
+        completion = finished.completion_tokens if finished is not None else 0
+        return _line(
+            {
+                "type": "done",
+                "finish_reason": "length" if finished and finished.reason == "length" else "stop",
+                "message_id": run.id,
+                "usage": {"prompt_tokens": len(run.tokens), "completion_tokens": completion},
+            }
+        )
+
+    def error_tail(self, run: Run, exc: LlamaStreamError) -> bytes | None:
+        return _line({"type": "error", **NATIVE.body(exc)})
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+
+
+def _framing(request: Request, thinking: Thinking | None) -> PlainTextFraming:
+    """The framing the client asked for: JSON lines, or ChatStream's plain text."""
+    accept = request.headers.get("accept", "")
+    if "application/x-ndjson" in accept:
+        return NdjsonFraming(thinking)
+    return PlainTextFraming(thinking)
 
 
 @dataclasses.dataclass
@@ -97,15 +170,22 @@ class _Turn:
     prompt: ChatPrompt
     before: list[Any]  # the messages before the turn
     lock: str | None
+    thinking: Thinking | None = None  # a thinking model's reasoning, kept apart
 
     async def settle(self, run: Run) -> None:
         """Store the turn: the reply (partial if cut short), or the history as it was."""
         prompt = self.prompt
         try:
-            if run.outcome == "success":
-                prompt.add_assistant_message(run.reply, message_id=run.id)
-            elif run.started:
-                prompt.add_assistant_message(run.reply, partial=True, message_id=run.id)
+            if run.started or run.outcome == "success":
+                reasoning, answer = "", run.reply
+                if self.thinking is not None:
+                    reasoning, answer = self.thinking.splitter().split(run.reply)
+                prompt.add_assistant_message(
+                    answer,
+                    reasoning=reasoning,
+                    partial=run.outcome != "success",
+                    message_id=run.id,
+                )
             else:
                 prompt.messages[:] = self.before
             if prompt.messages != self.before:
@@ -280,9 +360,19 @@ class ChatStream:
         _add_input(prompt, chat)
         try:
             params = self._sampling_params(session)
-            tokens = await anyio.to_thread.run_sync(self._tokenize_fitting, prompt, params)
+            tokens, prompt_text = await anyio.to_thread.run_sync(
+                self._tokenize_fitting, prompt, params
+            )
             max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
+            thinking = self.service.thinking(prompt_text)
+            if thinking is not None:
+                params = params.updated(
+                    reasoning=thinking.budget, special_tokens=thinking.special or None
+                )
+                if self.settings.reasoning_format == "none":
+                    thinking = None
+            turn.thinking = thinking
             ticket = self.service.admit(tokens)
         except BaseException:
             prompt.messages[:] = turn.before
@@ -296,23 +386,28 @@ class ChatStream:
             tokens,
             params,
             ticket,
-            PlainTextFraming(),
+            _framing(request, thinking),
             on_settle=turn.settle,
             cache_key=key,
         )
 
-    def _tokenize_fitting(self, prompt: ChatPrompt, params: SamplingParams) -> list[int]:
+    def _tokenize_fitting(
+        self, prompt: ChatPrompt, params: SamplingParams
+    ) -> tuple[list[int], str]:
+        """The prompt's tokens and text, its oldest turns dropped until it fits."""
         pool = self.service.pool
         budget = self.settings.n_ctx - params.max_new_tokens
         view = prompt.copy()
         for message in view.messages:
             message.content = pool.defuse(message.content)
+            message.reasoning = pool.defuse(message.reasoning)
         if view.fit(lambda text: len(pool.tokenize(text)), budget) > budget:
             raise InputTooLongError(
                 f"the input does not fit in the context window ({budget} tokens)",
                 field="user_input",
             )
-        return pool.tokenize(view.create_prompt())
+        text = view.create_prompt()
+        return pool.tokenize(text), text
 
     def _prompt_of(self, session: Session) -> ChatPrompt:
         """The session's conversation, as a `ChatPrompt` kept in the session."""

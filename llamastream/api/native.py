@@ -18,14 +18,27 @@ _ROLES = (401, 403)
 _CHAT_REQUEST = {
     "type": "object",
     "properties": {
-        "user_input": {"type": "string", "minLength": 1},
+        "user_input": {"type": "string"},
         "regenerate": {"type": "boolean", "default": False},
     },
-    # user_input is required unless regenerating.
+    # user_input is required unless regenerating (then an empty one is no input, as in
+    # ChatStream).
     "anyOf": [
-        {"required": ["user_input"]},
+        {"required": ["user_input"], "properties": {"user_input": {"minLength": 1}}},
         {"required": ["regenerate"], "properties": {"regenerate": {"const": True}}},
     ],
+}
+
+_NDJSON_LINE = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["reasoning", "content", "done", "error"]},
+        "text": {"type": "string"},
+        "finish_reason": {"enum": ["stop", "length"]},
+        "message_id": {"type": "string"},
+        "usage": {"type": "object"},
+    },
 }
 
 _PARAMS = {
@@ -77,15 +90,21 @@ _PROMPT = {
     response_class=Response,
     responses={
         200: {
-            "description": "The reply, streamed as it is generated.",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "The reply, streamed as it is generated: plain text (a thinking "
+            "model's reasoning first, between its tags), or with `Accept: application/x-ndjson` "
+            "JSON lines: `reasoning` and `content` parts, then `done` (or `error`).",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": _NDJSON_LINE},
+            },
         },
         **error_responses(400, *_ROLES, 409, 413, 429, 500, 503),
     },
     dependencies=[Depends(require("chat_stream"))],
 )
 async def chat_stream(request: Request, service: ServiceDep) -> Response:
-    """Stream the reply to ``user_input`` (or regenerate the last reply) as plain text."""
+    """Stream the reply to ``user_input`` (or regenerate the last reply): plain text, or JSON
+    lines with ``Accept: application/x-ndjson``."""
     facade = chat_stream_of(request)
     return await facade.handle_chat_stream_request(request, callback=service.callback)
 

@@ -20,13 +20,15 @@ def new_message_id() -> str:
 
 @dataclass
 class Message:
-    """One turn. ``partial`` marks a reply cut short because its client left mid-stream."""
+    """One turn. ``partial`` marks a reply cut short because its client left mid-stream;
+    ``reasoning`` is a thinking model's reasoning before its answer (``content``)."""
 
     role: Role
     content: str
     id: str = field(default_factory=new_message_id)
     created: float = field(default_factory=time.time)
     partial: bool = False
+    reasoning: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,9 +67,14 @@ class ChatPrompt:
         return message
 
     def add_assistant_message(
-        self, content: str, *, partial: bool = False, message_id: str | None = None
+        self,
+        content: str,
+        *,
+        reasoning: str = "",
+        partial: bool = False,
+        message_id: str | None = None,
     ) -> Message:
-        message = Message("assistant", content, partial=partial)
+        message = Message("assistant", content, partial=partial, reasoning=reasoning)
         if message_id is not None:
             message.id = message_id
         self.messages.append(message)
@@ -89,9 +96,15 @@ class ChatPrompt:
         self.messages.clear()
 
     def to_chat_messages(self) -> list[dict[str, str]]:
-        """The conversation as ``{"role", "content"}`` dicts, system prompt first."""
+        """The conversation as ``{"role", "content"}`` dicts, system prompt first; a reply's
+        reasoning as ``reasoning_content``, which the template keeps or drops by its own rule
+        (Hugging Face's convention)."""
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return head + [{"role": m.role, "content": m.content} for m in self.messages]
+        return head + [
+            {"role": m.role, "content": m.content}
+            | ({"reasoning_content": m.reasoning} if m.reasoning else {})
+            for m in self.messages
+        ]
 
     def create_prompt(self, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model reads, rendered with the chat template."""

@@ -9,6 +9,7 @@ import re
 import threading
 from pathlib import Path
 
+import jinja2
 import llama_cpp
 
 from llamastream.chat.templates import ChatTemplate
@@ -83,7 +84,15 @@ class WorkerPool:
         meta = self._vocab.metadata
         bos = self._token_text(self._vocab.token_bos())
         eos = self._token_text(self._vocab.token_eos())
-        self.template = ChatTemplate.from_metadata(meta, bos=bos, eos=eos)
+        own = self.settings.chat_template_file
+        if own is not None:
+            try:
+                source = await asyncio.to_thread(own.read_text, encoding="utf-8")
+                self.template = ChatTemplate(source, bos_token=bos, eos_token=eos)
+            except (OSError, UnicodeError, jinja2.TemplateError) as exc:
+                raise ValueError(f"chat_template_file {own}: {exc}") from None
+        else:
+            self.template = ChatTemplate.from_metadata(meta, bos=bos, eos=eos)
         if self.template.is_fallback:
             logger.warning("%s has no chat template; using ChatML", self.model_name)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"

@@ -1,4 +1,5 @@
-// The chat page: streams replies from /chat_stream; the session cookie keeps the conversation.
+// The chat page: streams replies from /chat_stream (JSON lines: a thinking model's reasoning
+// apart from its answer); the session cookie keeps the conversation.
 (function () {
   "use strict";
 
@@ -18,18 +19,36 @@
   let controller = null; // aborts the running request (or a pending retry)
   let retryTimer = null;
 
-  function addMessage(role, text, partial) {
+  function addMessage(role, text, partial, reasoning) {
     const div = document.createElement("div");
     div.className = "message " + role + (partial ? " partial" : "");
-    setText(div, role, text);
+    if (role === "assistant") {
+      // A thinking model's reasoning: a collapsed block before the answer.
+      const details = document.createElement("details");
+      details.className = "reasoning";
+      details.hidden = true;
+      const summary = document.createElement("summary");
+      summary.textContent = "Reasoning";
+      const thought = document.createElement("div");
+      thought.className = "thought";
+      details.append(summary, thought);
+      const answer = document.createElement("div");
+      answer.className = "answer";
+      div.append(details, answer);
+    }
+    setText(div, role, text, reasoning || "");
     messages.appendChild(div);
     messages.scrollTop = messages.scrollHeight;
     return div;
   }
 
-  function setText(div, role, text) {
+  function setText(div, role, text, reasoning) {
     if (role === "assistant") {
-      div.innerHTML = window.renderMarkdown(text);
+      const details = div.querySelector(".reasoning");
+      details.hidden = !reasoning;
+      details.querySelector(".thought").textContent = reasoning;
+      div.querySelector(".answer").innerHTML = window.renderMarkdown(text);
+      div.dataset.reasoning = reasoning;
     } else {
       div.textContent = text;
     }
@@ -60,7 +79,7 @@
     if (!response.ok) return;
     const data = await response.json();
     messages.textContent = "";
-    for (const m of data.messages) addMessage(m.role, m.content, m.partial);
+    for (const m of data.messages) addMessage(m.role, m.content, m.partial, m.reasoning);
   }
 
   async function send(userInput, regenerate) {
@@ -77,10 +96,12 @@
     bubble.classList.add("streaming");
     const body = regenerate ? { regenerate: true } : { user_input: userInput };
     let text = "";
+    let reasoning = "";
+    const summary = bubble.querySelector(".reasoning summary");
     try {
       const response = await fetch("/chat_stream", {
         method: "POST",
-        headers: { "content-type": "application/json" },
+        headers: { "content-type": "application/json", accept: "application/x-ndjson" },
         body: JSON.stringify(body),
         signal: controller.signal,
       });
@@ -112,23 +133,41 @@
       let frame = 0; // render at most once per animation frame, however fast text arrives
       const paint = function () {
         frame = 0;
-        setText(bubble, "assistant", text);
+        summary.textContent = text ? "Reasoning" : "Thinking…";
+        setText(bubble, "assistant", text, reasoning);
         messages.scrollTop = messages.scrollHeight;
+      };
+      let pending = ""; // the part of a JSON line still to come
+      let failure = null;
+      const take = function (line) {
+        if (!line) return;
+        const event = JSON.parse(line);
+        if (event.type === "reasoning") reasoning += event.text;
+        else if (event.type === "content") text += event.text;
+        else if (event.type === "error") failure = event.message || event.error;
       };
       for (;;) {
         const chunk = await reader.read();
         if (chunk.done) break;
-        text += decoder.decode(chunk.value, { stream: true });
+        pending += decoder.decode(chunk.value, { stream: true });
+        const complete = pending.split("\n");
+        pending = complete.pop();
+        complete.forEach(take);
         bubble.dataset.raw = text;
         if (!frame) frame = requestAnimationFrame(paint);
       }
-      text += decoder.decode();
+      take(pending + decoder.decode());
       if (frame) cancelAnimationFrame(frame);
-      setText(bubble, "assistant", text);
+      summary.textContent = "Reasoning";
+      setText(bubble, "assistant", text, reasoning);
+      if (failure) {
+        showNotice(failure);
+        bubble.classList.add("partial");
+      }
     } catch (error) {
-      if (text) setText(bubble, "assistant", text);
+      if (text || reasoning) setText(bubble, "assistant", text, reasoning);
       if (error.name === "AbortError") {
-        if (text) bubble.classList.add("partial");
+        if (text || reasoning) bubble.classList.add("partial");
         else bubble.remove();
       } else {
         showNotice("Connection lost: " + error.message);

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from llamastream import create_app
-from tests.conftest import LiveServer, eventually, wait_idle
+from tests import tool_templates
+from tests.conftest import LiveServer, eventually, wait_idle, write_tiny_gguf
 from tests.e2e.conftest import paused
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -197,3 +198,43 @@ def test_phone_width(browser: Any, settings_kwargs: dict[str, Any], tmp_path: Pa
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         page.screenshot(path=str(tmp_path / "phone.png"))
+
+
+def test_reasoning_shows_collapsed_apart_from_the_answer(
+    browser: Any, settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    model = write_tiny_gguf(tmp_path / "thinking.gguf", chat_template=tool_templates.THINKING)
+    thinking = (
+        "() => { const b = document.querySelector('.message.assistant.streaming');"
+        " return b && b.dataset.reasoning.length > 20; }"
+    )
+    shown = (
+        "() => { const b = document.querySelector('.message.assistant');"
+        " const d = b.querySelector('details.reasoning');"
+        " return {hidden: d.hidden, open: d.open, summary: d.querySelector('summary').textContent,"
+        " thought: d.querySelector('.thought').textContent, answer: b.dataset.raw}; }"
+    )
+    with page_on(
+        browser, settings_kwargs, model_path=model, n_ctx=2048, max_new_tokens=1500
+    ) as page:
+        send(page, "Think hard.")
+        # While it streams, the reasoning grows in a collapsed block, apart from the answer.
+        page.wait_for_function(thinking)
+        during = page.evaluate(shown)
+        assert during["hidden"] is False and during["open"] is False
+        assert during["summary"] == "Thinking…" and during["answer"] == ""
+        page.click("#stop")
+        page.wait_for_selector(".message.assistant.partial")
+    with page_on(
+        browser, settings_kwargs, model_path=model, reasoning_budget=6, max_new_tokens=24
+    ) as page:
+        send(page, "Think briefly.")
+        wait_reply_done(page)
+        after = page.evaluate(shown)
+        last = stored(page)[-1]
+        assert after["summary"] == "Reasoning" and after["open"] is False
+        assert (after["thought"], after["answer"]) == (last["reasoning"], last["content"])
+        assert last["reasoning"] and last["content"]
+        page.reload()
+        page.wait_for_selector(".message.assistant")
+        assert page.evaluate(shown) == after  # the history shows it the same way
