@@ -1,5 +1,6 @@
-"""Tool calls end to end: tiny models carrying each family's template shape, a live server, the
-official openai client; arguments validated against the tools' schemas."""
+"""Tool calls end to end: tiny models carrying each family's template shape, and the real
+SmolLM2 given each family's template (real model outputs), a live server, the official openai
+client; arguments validated against the tools' schemas."""
 
 from __future__ import annotations
 
@@ -53,17 +54,27 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(
+    scope="module",
+    params=[(name, model) for model in ("tiny", "smollm2") for name in sorted(FAMILIES)],
+    ids=lambda p: "-".join(p),
+)
 def family(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[tuple[str, openai.OpenAI, LiveServer]]:
-    name = request.param
+    name, weights = request.param
     template = FAMILIES[name]
-    model = tiny_model
-    if template is not None:
+    model, own_template = tiny_model, None
+    if weights == "smollm2":  # a real model: its template replaced by the family's
+        model = request.getfixturevalue("smollm2")
+        if template is not None:
+            own_template = tmp_path_factory.mktemp(name) / f"{name}.jinja"
+            own_template.write_text(template, encoding="utf-8")
+    elif template is not None:
         model = write_tiny_gguf(tmp_path_factory.mktemp(name) / "tiny.gguf", chat_template=template)
     app = create_app(
         model_path=model,
+        chat_template_file=own_template,
         model_alias="tiny",
         session_dir=tmp_path_factory.mktemp(f"{name}-sessions"),
         num_of_concurrent_executions=2,
@@ -108,6 +119,7 @@ def test_forced_calls_parse_and_match_the_schema(
         tools=TOOLS,
         tool_choice=tool_choice,
         seed=3,
+        temperature=0,  # a prompt read from the cache may shift the logits a little
         parallel_tool_calls=False,
     )
     message = answer.choices[0].message
@@ -123,6 +135,7 @@ def test_forced_calls_parse_and_match_the_schema(
         tools=TOOLS,
         tool_choice=tool_choice,
         seed=3,
+        temperature=0,  # a prompt read from the cache may shift the logits a little
         parallel_tool_calls=False,
     ) as stream:
         final = stream.get_final_completion()
