@@ -30,6 +30,7 @@ DEFAULT_ROLES: dict[str, Literal["public", "user", "admin"]] = {
     "get_load": "public",
     "metrics": "public",
     "v1": "user",
+    "tokenize": "user",
 }
 
 
@@ -66,7 +67,15 @@ class Settings(BaseSettings):
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context length (tokens) of a slot.")
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens decoded per step.")
     max_new_tokens: MaxNewTokens = Field(
-        256, description="Default and upper bound of tokens per reply."
+        256,
+        description="Default tokens per reply (a request or session may ask for more, up to "
+        "max_tokens_limit).",
+    )
+    max_tokens_limit: MaxNewTokens | None = Field(
+        None,
+        description="Upper bound of the tokens a request or session may ask for per reply; "
+        "unset: what the context allows (a reply is cut to the room left in the context, "
+        "finish_reason length).",
     )
     temperature: Temperature = Field(0.7, description="Default sampling temperature.")
     top_p: TopP = Field(0.95, description="Default nucleus sampling mass.")
@@ -217,9 +226,18 @@ class Settings(BaseSettings):
     model_alias: str | None = Field(
         None, description="Model id the /v1 API serves under; unset: the GGUF file name's stem."
     )
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="More model names requests may give for the served model (for clients "
+        "that insist on one). Command line: comma-separated; environment: a JSON list.",
+    )
     host: str = Field("127.0.0.1", description="Address `llamastream serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `llamastream serve` listens on.")
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")
+
+    def reply_limit(self) -> int:
+        """The most tokens a reply may be asked for."""
+        return self.max_tokens_limit or self.n_ctx - 1
 
     @classmethod
     def merged(cls, settings: Settings | None, **overrides: Any) -> Settings:
@@ -232,6 +250,11 @@ class Settings(BaseSettings):
         if self.max_new_tokens >= self.n_ctx:
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be below n_ctx ({self.n_ctx})"
+            )
+        if self.max_tokens_limit is not None and self.max_tokens_limit < self.max_new_tokens:
+            raise ValueError(
+                f"max_tokens_limit ({self.max_tokens_limit}) must be at least max_new_tokens "
+                f"({self.max_new_tokens})"
             )
         unknown = set(self.endpoint_roles) - set(DEFAULT_ROLES)
         if unknown:

@@ -133,6 +133,16 @@ class Service:
         """The id the APIs serve the model under."""
         return self.settings.model_alias or self.pool.model_path.stem
 
+    @property
+    def model_names(self) -> set[str]:
+        """The names a request may give the model by: its id and its aliases."""
+        return {self.model_id, *self.settings.model_aliases}
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: the model file and the llama.cpp build."""
+        return f"fp_{self.pool.fingerprint[:12]}"
+
     def default_params(self) -> SamplingParams:
         """The server's default sampling parameters."""
         return SamplingParams.from_settings(self.settings)

@@ -7,6 +7,7 @@ for every route: wait for a slot, run the job, send pieces, settle, call back, e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import math
@@ -23,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import Ticket
-from llamastream.engine.worker import Event, Finished, Job, TextChunk
+from llamastream.engine.worker import Event, Finished, Job, TextChunk, TokenLogprob
 from llamastream.errors import GenerationError, LlamaStreamError, QueueTimeoutError
 from llamastream.metrics import Metrics, route_of
 
@@ -150,6 +151,7 @@ class Run:
     cache_key: str | None = None  # the conversation (session) whose KV cache this extends
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the params ask for them
     started: bool = False
     finished: Finished | None = None
     error: BaseException | None = None
@@ -174,11 +176,12 @@ class Run:
     def take(self, event: Event) -> None:
         if isinstance(event, TextChunk):
             self.text.append(event.text)
+            self.logprobs.extend(event.logprobs)
             if self.first_text_at is None:
                 self.first_text_at = time.monotonic()
         elif isinstance(event, Finished):
             if event.reason == "cancelled" and self.time_limited:
-                event = Finished("length", event.prompt_tokens, event.completion_tokens)
+                event = dataclasses.replace(event, reason="length")
             self.finished = event
         else:
             self.error = event.error

@@ -16,8 +16,9 @@ Two allowances, both stated in the report:
 - 400 counts as an acceptable answer to schema-valid data on the routes that generate or set
   generation parameters: what they refuse there depends on the server's settings and state,
   which a static schema cannot say (``max_new_tokens`` above the server's limit, an input
-  longer than the context in tokens, regenerating an empty conversation). The report lists
-  the error codes of those 400s so they can be checked.
+  longer than the context in tokens, regenerating an empty conversation, a token id beyond
+  the model's vocabulary). The report lists the error codes of those 400s so they can be
+  checked.
 
 Exits non-zero when Schemathesis found a failure, any response was a 5xx, the server died,
 or a slot is still busy afterwards. Bounded by ``--max-examples`` and ``--max-seconds``.
@@ -43,7 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadtest import header, served, wait_idle
 
-GENERATING = ["/chat_stream", "/set_generation_params", "/v1/chat/completions", "/v1/completions"]
+GENERATING = [
+    "/chat_stream",
+    "/set_generation_params",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/detokenize",
+]
 
 CONFIG = """\
 [[operations]]

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from llamastream import __version__
-from llamastream.api import native, openai, ops
+from llamastream.api import native, openai, ops, tokens
 from llamastream.api.chatstream import ChatStream
 from llamastream.api.errors import install_error_handlers
 from llamastream.api.middleware import RequestContextMiddleware
@@ -59,6 +59,7 @@ def create_app(
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.include_router(tokens.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

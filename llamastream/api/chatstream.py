@@ -324,7 +324,7 @@ class ChatStream:
             params = await parse_body(
                 request, request_body, self.settings.max_body_bytes, GenerationParams
             )
-            params.check_cap(self.settings.max_new_tokens)
+            params.check_cap(self.settings.reply_limit())
             async with self.service.turn_locks.locked(manager):
                 stored = dict(session.get(PARAMS_KEY) or {})
                 stored.update(params.model_dump(exclude_unset=True))

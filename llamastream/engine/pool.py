@@ -60,6 +60,8 @@ class WorkerPool:
         self.template = ChatTemplate()
         self.model_name = self.model_path.name
         self._control: re.Pattern[str] | None = None
+        self.n_vocab = 0
+        self.fingerprint = ""  # the model file and the llama.cpp build, once started
 
     async def start(self) -> None:
         """Load the tokenizer and every worker (off the event loop).
@@ -97,6 +99,8 @@ class WorkerPool:
             logger.warning("%s has no chat template; using ChatML", self.model_name)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self._control = self._control_token_pattern()
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab._model.vocab)
+        self.fingerprint = await asyncio.to_thread(model_fingerprint, self.model_path)
         devices = await asyncio.to_thread(gpu_devices)
         if self.settings.kv_state_bytes > 0:
             fingerprint = model_fingerprint(
@@ -259,6 +263,13 @@ class WorkerPool:
         if len(tokens) > 1 and tokens[0] == bos_id and tokens[1] == bos_id:
             tokens = tokens[1:]  # the template already wrote the BOS text
         return tokens
+
+    def detokenize(self, tokens: list[int]) -> list[bytes]:
+        """Each token's bytes, control tokens written out (blocking; call it from a thread)."""
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise RuntimeError("the pool is not started")
+            return [self._vocab.detokenize([t], special=True) for t in tokens]
 
     def tokenize_piece(self, text: str) -> list[int]:
         """The tokens of ``text`` written in the middle of a reply: without the space some

@@ -38,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # A thinking model's reasoning closed after so many tokens (None: no budget).
     reasoning: ReasoningBudget | None = None
+    # (token, bias) added to the logits; -100 or less bans the token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Each token's log probability and this many most likely tokens (None: none).
+    logprobs: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SamplingParams:

@@ -49,10 +49,24 @@ BORROW_RATIO_GPU = 4
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely tokens in its place
+    (``(token, bytes, logprob)``, most likely first)."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextChunk:
-    """Newly generated text: always whole UTF-8 characters."""
+    """Newly generated text: always whole UTF-8 characters; with ``logprobs``, those of the
+    tokens it completes (a chunk may carry tokens and no text: a character still open, text
+    held back for a stop string)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Finished:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens not read again: the sequence held them already
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,8 @@ class _Slot:
         if self.budget is not None and self.budget.at_start():
             self.forced = list(self.budget.budget.close_tokens)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
+        self.cached = 0  # prompt tokens the sequence already held
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not sent yet
         p = job.params
         penalized = p.repeat_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         # The last generated tokens, for the repetition penalties (None: no penalties).
@@ -318,7 +335,7 @@ class Worker:
     def _unload(self) -> None:
         self._refuse_waiting()
         for slot in list(self._active.values()):
-            self._end(slot, Finished("cancelled", len(slot.job.prompt_tokens), slot.generated))
+            self._end(slot, self._finished(slot, "cancelled"))
         if self._batch is not None:
             self._batch.close()
         if self._ctx is not None:
@@ -413,7 +430,8 @@ class Worker:
             "worker %d slot %d: %d of %d prompt tokens cached", self.index, seq, common, len(tokens)
         )
         sampler = self._sampler(job.params)
-        self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
+        slot = self._active[seq] = _Slot(seq, job, sampler, tokens[common:])
+        slot.cached = common
 
     def _save_state(self, seq: int) -> None:
         """Hand the sequence's cache to the state sink, under the conversation it belongs to."""
@@ -586,16 +604,50 @@ class Worker:
 
     def _sample(self, slot: _Slot) -> int | BaseException:
         assert self._ctx is not None
-        if slot.forced:
-            token = slot.forced.pop(0)
-            llama_cpp.llama_sampler_accept(slot.sampler.sampler, token)  # a grammar follows it
-            return token
+        params = slot.job.params
         try:
             if slot.recent:
                 self._penalize(slot)
-            return slot.sampler.sample(self._ctx, slot.logits_at)
+            if params.logit_bias:
+                self._bias(slot)
+            if slot.forced:
+                token = slot.forced.pop(0)
+                llama_cpp.llama_sampler_accept(slot.sampler.sampler, token)  # a grammar follows
+            else:
+                token = slot.sampler.sample(self._ctx, slot.logits_at)
+            if params.logprobs is not None:
+                slot.logprobs.append(self._logprob(slot, token, params.logprobs))
+            return token
         except Exception as exc:  # a grammar with no way forward, for one
             return exc
+
+    def _logits(self, slot: _Slot) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The slot's logits row in the context (a view: writes change what is sampled)."""
+        assert self._ctx is not None
+        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, slot.logits_at)
+        return np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+
+    def _bias(self, slot: _Slot) -> None:
+        """Add the request's logit bias (OpenAI's: -100 bans a token, 100 all but forces it)."""
+        logits = self._logits(slot)
+        for token, bias in slot.job.params.logit_bias:
+            logits[token] = -np.inf if bias <= -100 else logits[token] + bias
+
+    def _logprob(self, slot: _Slot, token: int, top: int) -> TokenLogprob:
+        """``token``'s log probability in the distribution it was sampled from (after the
+        penalties and the logit bias, before temperature and truncation), and the ``top``
+        most likely tokens."""
+        logits = self._logits(slot).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        best: list[tuple[int, bytes, float]] = []
+        if top > 0:
+            ids = np.argpartition(-logprobs, top)[:top]
+            ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+            special = slot.job.params.special_tokens
+            best = [(int(i), self._piece(int(i), special), float(logprobs[i])) for i in ids]
+        piece = self._piece(token, slot.job.params.special_tokens)
+        return TokenLogprob(token, piece, float(logprobs[token]), tuple(best))
 
     def _penalize(self, slot: _Slot) -> None:
         """Apply the repetition, frequency and presence penalties to the slot's logits.
@@ -609,8 +661,7 @@ class Worker:
         counts = collections.Counter(slot.recent)
         ids = np.fromiter(counts.keys(), dtype=np.intc, count=len(counts))
         n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, slot.logits_at)
-        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+        logits = self._logits(slot)
         picked = logits[ids]
         repeat = np.float32(p.repeat_penalty)
         picked = np.where(picked <= 0, picked * repeat, picked / repeat)
@@ -626,6 +677,8 @@ class Worker:
         if slot.recent is not None:
             slot.recent.append(token)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not job.params.ignore_eos:
+            if slot.logprobs:
+                slot.logprobs.pop()  # the end of the reply is no token of it
             self._end(slot, self._flush(slot, "stop"))
             return
         slot.generated += 1
@@ -634,9 +687,9 @@ class Worker:
             slot.forced = list(slot.budget.budget.close_tokens)
         text, stopped = slot.stops.feed(piece)
         if text:
-            job.on_event(TextChunk(text))
+            job.on_event(TextChunk(text, self._take_logprobs(slot)))
         if stopped:
-            self._end(slot, Finished("stop", len(job.prompt_tokens), slot.generated))
+            self._end(slot, self._finished(slot, "stop"))
         elif slot.generated >= job.params.max_new_tokens:
             self._end(slot, self._flush(slot, "length"))
         elif len(self._cached[slot.seq]) + 1 >= self.n_ctx:
@@ -651,9 +704,19 @@ class Worker:
             reason = "stop"
         else:
             tail += slot.stops.flush()
-        if tail:
-            slot.job.on_event(TextChunk(tail))
-        return Finished(reason, len(slot.job.prompt_tokens), slot.generated)
+        if tail or slot.logprobs:
+            slot.job.on_event(TextChunk(tail, self._take_logprobs(slot)))
+        return self._finished(slot, reason)
+
+    @staticmethod
+    def _finished(slot: _Slot, reason: FinishReason) -> Finished:
+        return Finished(reason, len(slot.job.prompt_tokens), slot.generated, slot.cached)
+
+    @staticmethod
+    def _take_logprobs(slot: _Slot) -> tuple[TokenLogprob, ...]:
+        taken = tuple(slot.logprobs)
+        slot.logprobs.clear()
+        return taken
 
     def _end(self, slot: _Slot, event: Finished | Failed) -> None:
         self._active.pop(slot.seq, None)

@@ -169,7 +169,7 @@ def test_sdk_errors(settings_kwargs: dict[str, Any]) -> None:
             client.chat.completions.create(**hello(temperature=9))
         assert bad_temp.value.param == "temperature"
         with pytest.raises(openai.BadRequestError) as too_long:
-            client.chat.completions.create(**hello(max_tokens=500))
+            client.chat.completions.create(**hello(max_tokens=5000))
         assert too_long.value.param == "max_tokens"
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(**{**hello(), "model": "gpt-9"})

@@ -174,7 +174,8 @@ BAD_REQUESTS = [
         400,
         "max_new_tokens",
     ),
-    ("POST", "/set_generation_params", b'{"max_new_tokens": 33}', 400, "max_new_tokens"),
+    # above what the context allows (n_ctx 512: at most 511 tokens of reply)
+    ("POST", "/set_generation_params", b'{"max_new_tokens": 512}', 400, "max_new_tokens"),
     ("POST", "/set_generation_params", b'{"seed": -5}', 400, "seed"),
     ("POST", "/set_generation_params", b'{"seed": false}', 400, "seed"),
     ("POST", "/set_generation_params", b'{"temperature": true}', 400, "temperature"),

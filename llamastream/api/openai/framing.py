@@ -13,6 +13,7 @@ from llamastream.api.errors import OPENAI
 from llamastream.chat.reasoning import Pieces as ReasoningPieces
 from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCallParser
+from llamastream.engine.worker import TokenLogprob
 from llamastream.errors import LlamaStreamError
 from llamastream.streaming import Run
 
@@ -31,6 +32,8 @@ class OpenAIFraming:
         include_usage: bool,
         tools: ToolCallParser | None = None,
         reasoning: ReasoningSplitter | None = None,
+        logprobs: bool = False,
+        fingerprint: str | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
@@ -38,8 +41,13 @@ class OpenAIFraming:
         self.include_usage = include_usage
         self.tools = tools  # reads tool calls out of the reply when the request offered tools
         self.reasoning = reasoning  # keeps a thinking model's reasoning apart from its answer
+        self.logprobs = logprobs  # each token's log probabilities go with its chunk
+        self.fingerprint = fingerprint
         self.created = int(time.time())
         self._role_sent = False
+        self._run: Run | None = None
+        self._sent = 0  # log probabilities sent so far
+        self._offset = 0  # characters of text sent so far (text completions' offsets)
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
         media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
@@ -50,6 +58,7 @@ class OpenAIFraming:
         ]
 
     def piece(self, run: Run, text: str) -> bytes:
+        self._run = run
         if self.reasoning is None:
             return self._role(run) + self._answer(run, text)
         return self._role(run) + self._split(run, self.reasoning.feed(text))
@@ -75,6 +84,7 @@ class OpenAIFraming:
         return self._event({**self._envelope(run), **self._chunk_with(delta, None)})
 
     def tail(self, run: Run) -> bytes:
+        self._run = run
         finished = run.finished
         if finished is not None and finished.reason == "length":
             reason = "length"
@@ -116,7 +126,11 @@ class OpenAIFraming:
         )
         if self.kind == "chat" and self.streaming:
             obj = "chat.completion.chunk"
-        return {"id": prefix + run.id, "object": obj, "created": self.created, "model": self.model}
+        envelope = {"id": prefix + run.id, "object": obj, "created": self.created}
+        envelope["model"] = self.model
+        if self.fingerprint is not None:
+            envelope["system_fingerprint"] = self.fingerprint
+        return envelope
 
     def _chunk(self, run: Run, text: str | None, reason: str | None) -> dict[str, Any]:
         if self.kind == "chat":
@@ -124,11 +138,25 @@ class OpenAIFraming:
             chunk = self._chunk_with(delta, reason)
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            if self.logprobs:
+                choice["logprobs"] = _text_logprobs(self._new_logprobs(), self._offset)
+                self._offset += len(text or "")
             chunk = {"choices": [choice]}
         return {**self._envelope(run), **chunk}
 
     def _chunk_with(self, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-        return {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+        if self.logprobs and "role" not in delta:
+            choice["logprobs"] = {"content": _chat_logprobs(self._new_logprobs()), "refusal": None}
+        return {"choices": [choice]}
+
+    def _new_logprobs(self) -> list[TokenLogprob]:
+        """The log probabilities not sent yet: they go with the chunk being made."""
+        if self._run is None:
+            return []
+        new = self._run.logprobs[self._sent :]
+        self._sent = len(self._run.logprobs)
+        return new
 
     def _pieces(self, run: Run, pieces: Pieces) -> bytes:
         """Chunks of content and of tool calls (a call's id and name, then its arguments)."""
@@ -168,8 +196,12 @@ class OpenAIFraming:
                     ]
                     reason = "tool_calls" if reason == "stop" else reason
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
+            if self.logprobs:
+                choice["logprobs"] = {"content": _chat_logprobs(run.logprobs), "refusal": None}
         else:
             choice = {"index": 0, "text": run.reply, "logprobs": None, "finish_reason": reason}
+            if self.logprobs:
+                choice["logprobs"] = _text_logprobs(run.logprobs, 0)
         return {**self._envelope(run), "choices": [choice], "usage": _usage(run)}
 
     @staticmethod
@@ -177,10 +209,52 @@ class OpenAIFraming:
         return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _usage(run: Run) -> dict[str, int]:
+def _usage(run: Run) -> dict[str, Any]:
     completion = run.finished.completion_tokens if run.finished else 0
+    cached = run.finished.cached_tokens if run.finished else 0
     return {
         "prompt_tokens": len(run.tokens),
         "completion_tokens": completion,
         "total_tokens": len(run.tokens) + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _token_text(piece: bytes) -> str:
+    """A token's text; a piece of a multibyte character (its bytes are exact in ``bytes``)
+    is written as its escaped bytes, as OpenAI does."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"\\x{b:02x}" for b in piece)
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat completions' ``logprobs.content``."""
+    return [
+        {
+            "id": t.token,  # llama-server's addition
+            "token": _token_text(t.piece),
+            "logprob": t.logprob,
+            "bytes": list(t.piece),
+            "top_logprobs": [
+                {"id": token, "token": _token_text(piece), "logprob": lp, "bytes": list(piece)}
+                for token, piece, lp in t.top
+            ],
+        }
+        for t in tokens
+    ]
+
+
+def _text_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """Text completions' legacy ``logprobs`` (tokens, their logprobs, the top ones, offsets)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.piece.decode("utf-8", errors="ignore"))
+    return {
+        "tokens": [_token_text(t.piece) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{_token_text(p): lp for _, p, lp in t.top} for t in tokens],
+        "text_offset": offsets,
     }

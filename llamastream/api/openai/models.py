@@ -135,12 +135,16 @@ class ResponseFormat(BaseModel):
             ) from None
 
 
+Bias = Annotated[float, Field(ge=-100, le=100), NOT_A_BOOL]
+
+
 class _Common(BaseModel):
-    """The fields chat and text completions share."""
+    """The fields chat and text completions share. Any other field is refused (400 naming
+    it): a client must never think a field it sent was honoured when it was not."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None  # None: the served model
     max_tokens: MaxNewTokens | None = None
     max_completion_tokens: MaxNewTokens | None = None
     temperature: Annotated[Temperature, Field(le=OPENAI_MAX_TEMPERATURE)] | None = None
@@ -152,12 +156,34 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: Annotated[int, Field(ge=1, le=1), NOT_A_BOOL] = 1
+    n: Annotated[int, Field(ge=1, le=1), NOT_A_BOOL] = 1  # several choices: not yet
     response_format: ResponseFormat | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
     repeat_penalty: RepeatPenalty | None = None
     ignore_eos: StrictBool = False
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string) → bias
+    # OpenAI's fields that change nothing here at these values; others are refused.
+    store: Literal[False] | None = None  # completions are never stored
+    service_tier: Literal["auto", "default"] | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many most likely tokens to give with each token's log probability (None: no
+        log probabilities)."""
+        raise NotImplementedError
+
+    def bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token, bias); 400 for a key that is no token of the model."""
+        out = []
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() else -1
+            if not 0 <= token < n_vocab:
+                raise InvalidRequestError(
+                    f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})",
+                    field="logit_bias",
+                )
+            out.append((token, value))
+        return tuple(out)
 
     @property
     def prompt_field(self) -> str:
@@ -179,21 +205,22 @@ class _Common(BaseModel):
         *,
         n_prompt: int,
         n_ctx: int,
+        limit: int,
+        n_vocab: int,
         tool_use: ToolUse | None = None,
     ) -> SamplingParams:
-        """The request's sampling parameters over the server's ``defaults``, whose
-        ``max_new_tokens`` is also the cap; the reply length fitted to the context."""
+        """The request's sampling parameters over the server's ``defaults``; a reply length
+        above ``limit`` is refused, one beyond the context's room is cut to it (the reply
+        then ends as ``length``, as with the peers)."""
         asked = self.max_completion_tokens or self.max_tokens
         field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
-        if asked is not None and asked > defaults.max_new_tokens:
-            raise InvalidRequestError(
-                f"{field}: at most {defaults.max_new_tokens} on this server", field=field
-            )
+        if asked is not None and asked > limit:
+            raise InvalidRequestError(f"{field}: at most {limit} on this server", field=field)
         room = n_ctx - n_prompt
-        if (asked is not None and asked > room) or room < 1:
+        if room < 1:
             raise ContextLengthError(
-                f"the prompt takes {n_prompt} tokens; with {asked or 1} more it exceeds the "
-                f"context window of {n_ctx}",
+                f"the prompt takes {n_prompt} tokens, which leaves no room for a reply in "
+                f"the context window of {n_ctx}",
                 field=self.prompt_field,
             )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -218,6 +245,8 @@ class _Common(BaseModel):
             grammar=grammar,
             stop=stop,
             ignore_eos=self.ignore_eos or None,
+            logit_bias=self.bias(n_vocab) or None,
+            logprobs=self.top_logprobs_asked(),
         )
 
 
@@ -228,10 +257,18 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: StrictBool = True
     reasoning_format: Literal["auto", "none"] | None = None  # over the server's setting
     reasoning_budget: Annotated[StrictInt, Field(ge=-1)] | None = None  # tokens
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    modalities: list[Literal["text"]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     # OpenAI's deprecated function calling: refused (400) rather than ignored.
     functions: Any = None
     function_call: Any = None
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", field="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_use(self, template: ChatTemplate) -> ToolUse | None:
         """The tools this request offers the model and how (None: none are offered).
@@ -385,6 +422,13 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    echo: Literal[False] = False  # the prompt's own log probabilities: not yet
+    best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+    suffix: None = None  # insertion: not supported
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @property
     def text(self) -> str:

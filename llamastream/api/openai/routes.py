@@ -126,7 +126,7 @@ async def _request(request: Request, service: Service, model: type[RequestT]) ->
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, model)
     req.check_lengths(service.settings.max_input_chars)
-    if req.model != service.model_id:
+    if req.model is not None and req.model not in service.model_names:
         raise ModelNotFoundError(
             f"the model {req.model!r} does not exist; this server runs {service.model_id!r}",
             field="model",
@@ -151,6 +151,8 @@ async def _complete(
         service.default_params(),
         n_prompt=len(tokens),
         n_ctx=service.settings.n_ctx,
+        limit=service.settings.reply_limit(),
+        n_vocab=service.pool.n_vocab,
         tool_use=tool_use,
     )
     if thinking is not None:
@@ -164,6 +166,8 @@ async def _complete(
         include_usage=include_usage,
         tools=tool_use.format.parser() if tool_use is not None else None,
         reasoning=thinking.splitter() if thinking is not None and split else None,
+        logprobs=params.logprobs is not None,
+        fingerprint=service.fingerprint,
     )
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
     return service.respond(run)
