@@ -117,10 +117,12 @@ class Service:
         if not self.loaded:
             raise NotReadyError("the model is not loaded", retry_after=5)
 
-    def admit(self, tokens: list[int]) -> Ticket:
-        """A place for a prompt: preferably the free slot whose cache holds most of it, else a
-        place in the queue, else `QueueFullError` (429)."""
-        return self.slots.reserve(prefer=self.pool.best_slot(tokens, self.slots.free_slots()))
+    def admit(self, tokens: list[int], count: int = 1) -> Ticket:
+        """A place for a prompt (``count`` slots for as many candidates): preferably the free
+        slot whose cache holds most of it, else a place in the queue, else `QueueFullError`
+        (429)."""
+        prefer = self.pool.best_slot(tokens, self.slots.free_slots())
+        return self.slots.reserve(prefer=prefer, count=count)
 
     def respond(self, run: Run) -> WatchedStreamResponse:
         """The response that runs an admitted request and streams it in its framing."""

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
@@ -24,7 +24,14 @@ from starlette.types import Message, Receive, Scope, Send
 
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import Ticket
-from llamastream.engine.worker import Event, Finished, Job, TextChunk, TokenLogprob
+from llamastream.engine.worker import (
+    Event,
+    Finished,
+    Job,
+    SavedState,
+    TextChunk,
+    TokenLogprob,
+)
 from llamastream.errors import GenerationError, LlamaStreamError, QueueTimeoutError
 from llamastream.metrics import Metrics, route_of
 
@@ -120,8 +127,8 @@ class Framing(Protocol):
         """Status and headers, sent with the first piece (or with the tail)."""
         ...
 
-    def piece(self, run: Run, text: str) -> bytes:
-        """One chunk of newly generated text (streaming framings only)."""
+    def piece(self, run: Run, text: str, index: int = 0) -> bytes:
+        """One chunk of newly generated text of candidate ``index`` (streaming framings)."""
         ...
 
     def tail(self, run: Run) -> bytes:
@@ -138,6 +145,25 @@ class Framing(Protocol):
 
 
 @dataclass
+class Candidate:
+    """One reply a run generates on a slot of its own (a request asking for ``n`` replies,
+    or for the completion of several prompts, has several)."""
+
+    index: int
+    tokens: list[int]
+    params: SamplingParams
+    shares_prompt: bool = False  # the same prompt as an earlier candidate: copy its cache
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the params ask for them
+    finished: Finished | None = None
+    job: Job | None = None
+
+    @property
+    def reply(self) -> str:
+        return "".join(self.text)
+
+
+@dataclass
 class Run:
     """One accepted generation request, from its place in line to its callback."""
 
@@ -149,42 +175,83 @@ class Run:
     callback: Callback | None = None
     on_settle: Callable[[Run], Awaitable[None]] | None = None
     cache_key: str | None = None  # the conversation (session) whose KV cache this extends
+    # The candidates after the first (whose prompt and parameters are the two above).
+    more: Sequence[tuple[list[int], SamplingParams]] = ()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the params ask for them
     started: bool = False
-    finished: Finished | None = None
     error: BaseException | None = None
-    job: Job | None = None
     outcome: CallbackMessage | None = None
     error_sent: bool = False
-    bridge: EventBridge[Event] = field(default_factory=EventBridge)
+    bridge: EventBridge[tuple[int, Event]] = field(default_factory=EventBridge)
     accepted_at: float = field(default_factory=time.monotonic)
     first_text_at: float | None = None
     time_limited: bool = False
     stop_error: LlamaStreamError | None = None  # why the server ended the run (shutdown)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    candidates: list[Candidate] = field(init=False)
+
+    def __post_init__(self) -> None:
+        prompts = [self.tokens, *(tokens for tokens, _ in self.more)]
+        params = [self.params, *(p for _, p in self.more)]
+        self.candidates = [
+            Candidate(i, tokens, p, shares_prompt=tokens in prompts[:i])
+            for i, (tokens, p) in enumerate(zip(prompts, params, strict=True))
+        ]
 
     @property
     def reply(self) -> str:
-        return "".join(self.text)
+        """The (first candidate's) reply so far."""
+        return self.candidates[0].reply
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        return self.candidates[0].logprobs
+
+    @property
+    def finished(self) -> Finished | None:
+        """How the run ended, once every candidate has: the first's reason (cancelled if any
+        was), every prompt counted once, every candidate's generated tokens."""
+        ends = [c.finished for c in self.candidates]
+        if any(end is None for end in ends):
+            return None
+        done = [end for end in ends if end is not None]
+        firsts = [end for c, end in zip(self.candidates, done, strict=True) if not c.shares_prompt]
+        cancelled = any(end.reason == "cancelled" for end in done)
+        return Finished(
+            "cancelled" if cancelled else done[0].reason,
+            sum(end.prompt_tokens for end in firsts),
+            sum(end.completion_tokens for end in done),
+            sum(end.cached_tokens for end in firsts),
+        )
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the run, each prompt counted once."""
+        return sum(len(c.tokens) for c in self.candidates if not c.shares_prompt)
 
     @property
     def done(self) -> bool:
-        return self.finished is not None or self.error is not None
+        return self.error is not None or all(c.finished is not None for c in self.candidates)
 
-    def take(self, event: Event) -> None:
+    def take(self, item: tuple[int, Event]) -> None:
+        index, event = item
+        candidate = self.candidates[index]
         if isinstance(event, TextChunk):
-            self.text.append(event.text)
-            self.logprobs.extend(event.logprobs)
+            candidate.text.append(event.text)
+            candidate.logprobs.extend(event.logprobs)
             if self.first_text_at is None:
                 self.first_text_at = time.monotonic()
         elif isinstance(event, Finished):
             if event.reason == "cancelled" and self.time_limited:
                 event = dataclasses.replace(event, reason="length")
-            self.finished = event
+            candidate.finished = event
         else:
-            self.error = event.error
+            candidate.finished = Finished("cancelled", len(candidate.tokens), 0)
+            if self.error is None:
+                self.error = event.error
+
+    def jobs(self) -> list[Job]:
+        return [c.job for c in self.candidates if c.job is not None]
 
 
 class Runner:
@@ -223,8 +290,8 @@ class Runner:
         if run.stop_error is None:
             run.stop_error = error
         run.stopped.set()
-        if run.job is not None:
-            run.job.cancel.set()
+        for job in run.jobs():
+            job.cancel.set()
 
     async def drain(self, grace_s: float, error: Callable[[], LlamaStreamError]) -> None:
         """Fail the queued runs now, give the running ones ``grace_s`` to finish, stop the rest.
@@ -281,36 +348,70 @@ class Runner:
                 timer.cancel()
 
     async def _start_job(self, run: Run) -> asyncio.TimerHandle | None:
-        """Wait for the run's slot and hand its job to the worker; the time limit's timer."""
+        """Wait for the run's slots and hand its jobs to the workers; the time limit's timer.
+
+        Candidates that share the first one's prompt start once it has read the prompt, so
+        that they copy its cache instead of reading the prompt again.
+        """
         slot = await self._wait_for_slot(run)
         if self.metrics is not None:
             self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
         restore = None
         if run.cache_key is not None:
             restore = await self.pool.saved_state(slot, run.tokens, run.cache_key)
-        run.job = Job(
-            run.tokens, run.params, run.bridge.put, cache_key=run.cache_key, restore=restore
-        )
-        if run.stop_error is not None:
-            run.job.cancel.set()
-        self.pool.submit(slot, run.job)
+        slots = run.ticket.slots
+        self._submit(run, run.candidates[0], slots[0], restore)
+        for candidate in run.candidates[1:]:
+            if not candidate.shares_prompt:
+                self._submit(run, candidate, slots[candidate.index])
         if not math.isfinite(self.max_generation_s):
             return None
         return asyncio.get_running_loop().call_later(self.max_generation_s, self._time_up, run)
+
+    def _submit(
+        self, run: Run, candidate: Candidate, slot: int, restore: SavedState | None = None
+    ) -> None:
+        index = candidate.index
+        candidate.job = Job(
+            candidate.tokens,
+            candidate.params,
+            lambda event: run.bridge.put((index, event)),
+            cache_key=run.cache_key if index == 0 else None,
+            restore=restore,
+        )
+        if run.stop_error is not None:
+            candidate.job.cancel.set()
+        self.pool.submit(slot, candidate.job)
+
+    def _submit_sharing(self, run: Run) -> None:
+        """Start the candidates waiting for the first one's prompt, once it is read."""
+        first = run.candidates[0]
+        if not (first.text or first.logprobs or first.finished):
+            return
+        for candidate in run.candidates[1:]:
+            if candidate.shares_prompt and candidate.job is None and not candidate.finished:
+                self._submit(run, candidate, run.ticket.slots[candidate.index])
 
     async def _stream(self, run: Run, send: Send) -> None:
         """Take the job's events until it ends, sending its text (streaming framings)."""
         framing = run.framing
         while not run.done:
-            # Text that piled up while the last piece was being sent goes out as one piece.
+            # Text that piled up while the last piece was being sent goes out as one piece
+            # (one per candidate).
             events = await run.bridge.get_all()
-            for event in events:
-                run.take(event)
-            text = "".join(e.text for e in events if isinstance(e, TextChunk))
-            if text and framing.streaming:
+            for item in events:
+                run.take(item)
+            if len(run.candidates) > 1:
+                self._submit_sharing(run)
+            texts: dict[int, str] = {}
+            for index, event in events:
+                if isinstance(event, TextChunk) and event.text:
+                    texts[index] = texts.get(index, "") + event.text
+            if texts and framing.streaming and run.error is None:
                 if not run.started:
                     await send(_start(framing.head(run)))
-                await send(_body(framing.piece(run, text), more=True))
+                body = b"".join(framing.piece(run, text, i) for i, text in texts.items())
+                await send(_body(body, more=True))
                 run.started = True
 
     async def _wait_for_slot(self, run: Run) -> int:
@@ -343,8 +444,8 @@ class Runner:
             "generation %s: stopped at the %g s time limit", run.id[:8], self.max_generation_s
         )
         run.time_limited = True
-        if run.job is not None:
-            run.job.cancel.set()
+        for job in run.jobs():
+            job.cancel.set()
 
     async def _send_error(self, run: Run, send: Send) -> None:
         exc = run.error
@@ -368,10 +469,13 @@ class Runner:
         # Shielded: a client leaving (or the server cancelling) meanwhile must not cut the
         # history save or the session unlock in half.
         with anyio.CancelScope(shield=True):
-            if run.job is not None:
-                run.job.cancel.set()
-                while not run.done:
-                    run.take(await run.bridge.get())
+            for candidate in run.candidates:
+                if candidate.job is None and candidate.finished is None:  # never started
+                    candidate.finished = Finished("cancelled", len(candidate.tokens), 0)
+            for job in run.jobs():
+                job.cancel.set()
+            while not all(c.finished is not None for c in run.candidates):
+                run.take(await run.bridge.get())
             run.ticket.release()
             if run.on_settle is not None:
                 try:
@@ -412,7 +516,7 @@ class Runner:
             "generation %s: %s, %d prompt + %d generated tokens",
             run.id[:8],
             run.outcome,
-            len(run.tokens),
+            run.prompt_tokens,
             run.finished.completion_tokens if run.finished else 0,
         )
         self._record(run)
@@ -423,7 +527,7 @@ class Runner:
             return
         m = self.metrics
         m.generations.labels(route_of(run.request.scope), run.outcome).inc()
-        m.prompt_tokens.inc(len(run.tokens))
+        m.prompt_tokens.inc(run.prompt_tokens)
         if run.first_text_at is not None:
             m.ttft.observe(run.first_text_at - run.accepted_at)
         if run.finished is not None:

@@ -91,7 +91,7 @@ class PlainTextFraming:
             (MESSAGE_ID_HEADER.lower().encode(), run.id.encode()),
         ]
 
-    def piece(self, run: Run, text: str) -> bytes:
+    def piece(self, run: Run, text: str, index: int = 0) -> bytes:
         if self._splitter is None:
             return self._part("content", text)
         return b"".join(self._part(kind, part) for kind, part in self._splitter.feed(text))

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from llamastream.errors import QueueFullError
+from llamastream.errors import InvalidRequestError, QueueFullError
 
 
 @dataclass(frozen=True)
@@ -25,27 +25,35 @@ class Load:
 
 
 class Ticket:
-    """A place in line. ``await ticket.wait()`` returns the slot index once it is granted.
+    """A place in line for ``count`` slots, granted all at once (a request with several
+    candidates runs whole or waits whole). ``await ticket.wait()`` returns the first slot
+    index once they are granted; ``slots`` holds them all.
 
-    Cancelling the wait (a client that left) takes the ticket out of the queue, or gives a slot
+    Cancelling the wait (a client that left) takes the ticket out of the queue, or gives slots
     granted in the meantime straight back. ``release()`` is idempotent.
     """
 
-    def __init__(self, controller: SlotController) -> None:
+    def __init__(self, controller: SlotController, count: int = 1) -> None:
         self.controller = controller
+        self.count = count
         self._future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.enqueued_at = time.monotonic()
-        self.slot: int | None = None
+        self.slots: list[int] = []  # held so far; all ``count`` of them once granted
         self._released = False
 
     @property
     def granted(self) -> bool:
-        return self.slot is not None
+        return len(self.slots) == self.count
 
-    def _grant(self, slot: int) -> None:
-        self.slot = slot
-        if not self._future.done():
-            self._future.set_result(slot)
+    @property
+    def slot(self) -> int | None:
+        """The first slot, once the ticket is granted."""
+        return self.slots[0] if self.granted else None
+
+    def _take(self, slot: int) -> None:
+        self.slots.append(slot)
+        if self.granted and not self._future.done():
+            self._future.set_result(self.slots[0])
 
     async def wait(self) -> int:
         try:
@@ -73,21 +81,29 @@ class SlotController:
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
         self._held_since: dict[int, float] = {}
 
-    def reserve(self, prefer: int | None = None) -> Ticket:
-        """A ticket that holds a slot or a place in line; `QueueFullError` when neither is left.
+    def reserve(self, prefer: int | None = None, count: int = 1) -> Ticket:
+        """A ticket that holds ``count`` slots or a place in line; `QueueFullError` when
+        neither is left (``count`` above the slots there are: `InvalidRequestError`).
 
         A free ``prefer`` slot (the one that served the conversation last, whose KV cache still
         holds its history) is taken first; otherwise the slot free the longest, which keeps
-        other conversations' caches alive the longest.
+        other conversations' caches alive the longest. Slots go to tickets in the order they
+        came: a ticket waiting for several holds those freed until it has them all.
         """
-        ticket = Ticket(self)
-        if prefer is not None and prefer in self._free:
-            self._free.remove(prefer)
-            self._give(ticket, prefer)
-        elif self._free:
-            self._give(ticket, self._free.popleft())
+        if count > self.n_slots:
+            raise InvalidRequestError(
+                f"n: at most {self.n_slots} candidates (the server's slots)", field="n"
+            )
+        ticket = Ticket(self, count)
+        if not self._waiting and len(self._free) >= count:
+            if prefer is not None and prefer in self._free:
+                self._free.remove(prefer)
+                self._give(ticket, prefer)
+            while not ticket.granted:
+                self._give(ticket, self._free.popleft())
         elif len(self._waiting) < self.max_queue:
             self._waiting.append(ticket)
+            self._hand_out()
         else:
             raise QueueFullError(retry_after=self.retry_after())
         return ticket
@@ -97,7 +113,7 @@ class SlotController:
 
     def load(self) -> Load:
         return Load(
-            processing=self.n_slots - len(self._free),
+            processing=self.n_slots - len(self._free),  # held by a waiting ticket too
             waiting=len(self._waiting),
             max_processing=self.n_slots,
             max_waiting=self.max_queue,
@@ -111,18 +127,26 @@ class SlotController:
 
     def _give(self, ticket: Ticket, slot: int) -> None:
         self._held_since[slot] = time.monotonic()
-        ticket._grant(slot)
+        ticket._take(slot)
+
+    def _hand_out(self) -> None:
+        """Free slots to the waiting tickets, first come first served."""
+        while self._waiting and self._free:
+            head = self._waiting[0]
+            self._give(head, self._free.popleft())
+            if head.granted:
+                self._waiting.popleft()
 
     def _leave(self, ticket: Ticket) -> None:
-        if ticket.slot is None:
+        if not ticket.granted:
             try:
                 self._waiting.remove(ticket)
             except ValueError:
                 pass
-            return
-        slot = ticket.slot
-        self._durations.append(time.monotonic() - self._held_since.pop(slot))
-        if self._waiting:
-            self._give(self._waiting.popleft(), slot)
-        else:
+        for slot in ticket.slots:  # granted, or held while waiting for more
+            held = self._held_since.pop(slot)
+            if ticket.granted:
+                self._durations.append(time.monotonic() - held)
             self._free.append(slot)
+        ticket.slots = []
+        self._hand_out()

@@ -163,7 +163,7 @@ def test_sdk_errors(settings_kwargs: dict[str, Any]) -> None:
             )
         assert bad_role.value.param == "messages.0.role"
         with pytest.raises(openai.BadRequestError) as bad_n:
-            client.chat.completions.create(**hello(n=2))
+            client.chat.completions.create(**hello(n=3))  # more than the server's slots
         assert bad_n.value.param == "n"
         with pytest.raises(openai.BadRequestError) as bad_temp:
             client.chat.completions.create(**hello(temperature=9))

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from llamastream.engine.slots import SlotController
-from llamastream.errors import QueueFullError
+from llamastream.errors import InvalidRequestError, QueueFullError
 
 
 async def test_grants_free_slots_then_queues_then_refuses() -> None:
@@ -80,3 +80,36 @@ async def test_prefers_the_conversations_slot_then_the_longest_free() -> None:
     assert slots.reserve(prefer=2).slot == 2
     assert slots.reserve().slot == 1  # free the longest
     assert slots.reserve(prefer=2).slot == 0  # the preferred slot is busy
+
+
+async def test_a_ticket_for_several_slots_is_granted_whole_in_its_turn() -> None:
+    slots = SlotController(n_slots=3, max_queue=4)
+    one = slots.reserve()
+    both = slots.reserve(count=2)
+    assert both.granted and sorted(both.slots) == [1, 2]
+    three = slots.reserve(count=3)  # waits for every slot
+    later = slots.reserve()  # must not jump ahead of it
+    both.release()
+    assert not three.granted and len(three.slots) == 2 and not later.granted
+    assert slots.load().processing == 3  # held for the waiting ticket
+    one.release()
+    assert three.granted and sorted(three.slots) == [0, 1, 2] and not later.granted
+    assert await three.wait() in (0, 1, 2)
+    three.release()
+    assert later.granted
+    later.release()
+    assert slots.load().processing == 0
+
+
+async def test_a_waiting_ticket_for_several_gives_back_what_it_held() -> None:
+    slots = SlotController(n_slots=2, max_queue=2)
+    holder = slots.reserve()
+    pair = slots.reserve(count=2)
+    assert len(pair.slots) == 1 and not pair.granted
+    pair.release()  # its client left while it waited
+    assert slots.load().processing == 1 and slots.load().waiting == 0
+    holder.release()
+    assert slots.load().processing == 0
+    with pytest.raises(InvalidRequestError) as too_many:
+        slots.reserve(count=3)
+    assert too_many.value.field == "n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from starlette.responses import Response
@@ -13,15 +14,33 @@ from llamastream.api.errors import OPENAI
 from llamastream.chat.reasoning import Pieces as ReasoningPieces
 from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCallParser
-from llamastream.engine.worker import TokenLogprob
+from llamastream.engine.worker import Finished, TokenLogprob
 from llamastream.errors import LlamaStreamError
 from llamastream.streaming import Run
 
 Kind = Literal["chat", "text"]
 
 
+class _Choice:
+    """What the framing keeps of one choice (candidate) while it streams."""
+
+    def __init__(
+        self,
+        index: int,
+        tools: ToolCallParser | None,
+        reasoning: ReasoningSplitter | None,
+    ) -> None:
+        self.index = index
+        self.tools = tools  # reads tool calls out of the reply when the request offered tools
+        self.reasoning = reasoning  # keeps a thinking model's reasoning apart from its answer
+        self.role_sent = False
+        self.sent = 0  # log probabilities sent so far
+        self.offset = 0  # characters of text sent so far (text completions' offsets)
+
+
 class OpenAIFraming:
-    """OpenAI's objects for a run: SSE chunks when streaming, one JSON body otherwise."""
+    """OpenAI's objects for a run: SSE chunks when streaming, one JSON body otherwise; one
+    choice per candidate, each with its own parser state."""
 
     def __init__(
         self,
@@ -30,8 +49,9 @@ class OpenAIFraming:
         *,
         stream: bool,
         include_usage: bool,
-        tools: ToolCallParser | None = None,
-        reasoning: ReasoningSplitter | None = None,
+        choices: int = 1,
+        tools: Callable[[], ToolCallParser] | None = None,
+        reasoning: Callable[[], ReasoningSplitter] | None = None,
         logprobs: bool = False,
         fingerprint: str | None = None,
     ) -> None:
@@ -39,15 +59,13 @@ class OpenAIFraming:
         self.model = model
         self.streaming = stream
         self.include_usage = include_usage
-        self.tools = tools  # reads tool calls out of the reply when the request offered tools
-        self.reasoning = reasoning  # keeps a thinking model's reasoning apart from its answer
         self.logprobs = logprobs  # each token's log probabilities go with its chunk
         self.fingerprint = fingerprint
         self.created = int(time.time())
-        self._role_sent = False
-        self._run: Run | None = None
-        self._sent = 0  # log probabilities sent so far
-        self._offset = 0  # characters of text sent so far (text completions' offsets)
+        self.choices = [
+            _Choice(i, tools() if tools else None, reasoning() if reasoning else None)
+            for i in range(choices)
+        ]
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
         media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
@@ -57,49 +75,27 @@ class OpenAIFraming:
             (b"x-accel-buffering", b"no"),
         ]
 
-    def piece(self, run: Run, text: str) -> bytes:
-        self._run = run
-        if self.reasoning is None:
-            return self._role(run) + self._answer(run, text)
-        return self._role(run) + self._split(run, self.reasoning.feed(text))
-
-    def _split(self, run: Run, parts: ReasoningPieces) -> bytes:
-        """Chunks of reasoning and of the answer, in the order they came."""
-        out = b""
-        for kind, part in parts:
-            out += self._answer(run, part) if kind == "content" else self._thought(run, part)
-        return out
-
-    def _answer(self, run: Run, text: str) -> bytes:
-        """Chunks of the answer's text (content, or tool calls read out of it)."""
-        if self.tools is None:
-            return self._event(self._chunk(run, text, None))
-        return self._pieces(run, self.tools.feed(text))
-
-    def _thought(self, run: Run, text: str) -> bytes:
-        return self._delta(run, {"reasoning_content": text})
-
-    def _delta(self, run: Run, delta: dict[str, Any]) -> bytes:
-        """One chat chunk carrying ``delta``."""
-        return self._event({**self._envelope(run), **self._chunk_with(delta, None)})
+    def piece(self, run: Run, text: str, index: int = 0) -> bytes:
+        c = self.choices[index]
+        out = self._role(run, c)
+        if c.reasoning is None:
+            return out + self._answer(run, c, text)
+        return out + self._split(run, c, c.reasoning.feed(text))
 
     def tail(self, run: Run) -> bytes:
-        self._run = run
-        finished = run.finished
-        if finished is not None and finished.reason == "length":
-            reason = "length"
-        else:
-            reason = "stop"
         if not self.streaming:
-            return json.dumps(self._whole(run, reason), ensure_ascii=False).encode()
-        out = self._role(run)
-        if self.reasoning is not None:
-            out += self._split(run, self.reasoning.finish())
-        if self.tools is not None:
-            out += self._pieces(run, self.tools.finish(cut=reason == "length"))
-            if self.tools.calls and reason == "stop":
-                reason = "tool_calls"
-        out += self._event(self._chunk(run, None, reason))
+            return json.dumps(self._whole(run), ensure_ascii=False).encode()
+        out = b""
+        for c in self.choices:
+            reason = _reason(run.candidates[c.index].finished)
+            out += self._role(run, c)
+            if c.reasoning is not None:
+                out += self._split(run, c, c.reasoning.finish())
+            if c.tools is not None:
+                out += self._pieces(run, c, c.tools.finish(cut=reason == "length"))
+                if c.tools.calls and reason == "stop":
+                    reason = "tool_calls"
+            out += self._event(self._chunk(run, c, None, reason))
         if self.include_usage:
             usage = {**self._envelope(run), "choices": [], "usage": _usage(run)}
             out += self._event(usage)
@@ -111,12 +107,80 @@ class OpenAIFraming:
     def error_response(self, exc: LlamaStreamError) -> Response:
         return OPENAI.response(exc)
 
-    def _role(self, run: Run) -> bytes:
-        """The opening chunk of a chat stream, which names the role."""
-        if self.kind != "chat" or self._role_sent:
+    # streamed chunks
+
+    def _split(self, run: Run, c: _Choice, parts: ReasoningPieces) -> bytes:
+        """Chunks of reasoning and of the answer, in the order they came."""
+        out = b""
+        for kind, part in parts:
+            if kind == "content":
+                out += self._answer(run, c, part)
+            else:
+                out += self._delta(run, c, {"reasoning_content": part})
+        return out
+
+    def _answer(self, run: Run, c: _Choice, text: str) -> bytes:
+        """Chunks of the answer's text (content, or tool calls read out of it)."""
+        if c.tools is None:
+            return self._event(self._chunk(run, c, text, None))
+        return self._pieces(run, c, c.tools.feed(text))
+
+    def _pieces(self, run: Run, c: _Choice, pieces: Pieces) -> bytes:
+        """Chunks of content and of tool calls (a call's id and name, then its arguments)."""
+        out = b""
+        for piece in pieces:
+            if isinstance(piece, str):
+                out += self._event(self._chunk(run, c, piece, None))
+                continue
+            call: dict[str, Any] = {"index": piece.index}
+            if piece.id is not None:
+                call["id"] = piece.id
+                call["type"] = "function"
+                call["function"] = {"name": piece.name, "arguments": ""}
+            else:
+                call["function"] = {"arguments": piece.arguments}
+            out += self._delta(run, c, {"tool_calls": [call]})
+        return out
+
+    def _role(self, run: Run, c: _Choice) -> bytes:
+        """The opening chunk of a chat choice, which names the role."""
+        if self.kind != "chat" or c.role_sent:
             return b""
-        self._role_sent = True
-        return self._delta(run, {"role": "assistant", "content": ""})
+        c.role_sent = True
+        return self._delta(run, c, {"role": "assistant", "content": ""})
+
+    def _delta(self, run: Run, c: _Choice, delta: dict[str, Any]) -> bytes:
+        """One chat chunk carrying ``delta``."""
+        return self._event({**self._envelope(run), "choices": [self._choice(run, c, delta)]})
+
+    def _chunk(self, run: Run, c: _Choice, text: str | None, reason: str | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta = {"content": text} if text is not None else {}
+            choice = self._choice(run, c, delta, reason)
+        else:
+            choice = {"index": c.index, "text": text or "", "logprobs": None}
+            choice["finish_reason"] = reason
+            if self.logprobs:
+                choice["logprobs"] = _text_logprobs(self._new_logprobs(run, c), c.offset)
+                c.offset += len(text or "")
+        return {**self._envelope(run), "choices": [choice]}
+
+    def _choice(
+        self, run: Run, c: _Choice, delta: dict[str, Any], reason: str | None = None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": c.index, "delta": delta, "finish_reason": reason}
+        if self.logprobs and "role" not in delta:
+            content = _chat_logprobs(self._new_logprobs(run, c))
+            choice["logprobs"] = {"content": content, "refusal": None}
+        return choice
+
+    @staticmethod
+    def _new_logprobs(run: Run, c: _Choice) -> list[TokenLogprob]:
+        """The choice's log probabilities not sent yet: they go with the chunk being made."""
+        logprobs = run.candidates[c.index].logprobs
+        new = logprobs[c.sent :]
+        c.sent = len(logprobs)
+        return new
 
     def _envelope(self, run: Run) -> dict[str, Any]:
         prefix, obj = (
@@ -132,90 +196,62 @@ class OpenAIFraming:
             envelope["system_fingerprint"] = self.fingerprint
         return envelope
 
-    def _chunk(self, run: Run, text: str | None, reason: str | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta = {"content": text} if text is not None else {}
-            chunk = self._chunk_with(delta, reason)
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            if self.logprobs:
-                choice["logprobs"] = _text_logprobs(self._new_logprobs(), self._offset)
-                self._offset += len(text or "")
-            chunk = {"choices": [choice]}
-        return {**self._envelope(run), **chunk}
-
-    def _chunk_with(self, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
-        if self.logprobs and "role" not in delta:
-            choice["logprobs"] = {"content": _chat_logprobs(self._new_logprobs()), "refusal": None}
-        return {"choices": [choice]}
-
-    def _new_logprobs(self) -> list[TokenLogprob]:
-        """The log probabilities not sent yet: they go with the chunk being made."""
-        if self._run is None:
-            return []
-        new = self._run.logprobs[self._sent :]
-        self._sent = len(self._run.logprobs)
-        return new
-
-    def _pieces(self, run: Run, pieces: Pieces) -> bytes:
-        """Chunks of content and of tool calls (a call's id and name, then its arguments)."""
-        out = b""
-        for piece in pieces:
-            if isinstance(piece, str):
-                out += self._event(self._chunk(run, piece, None))
-                continue
-            call: dict[str, Any] = {"index": piece.index}
-            if piece.id is not None:
-                call["id"] = piece.id
-                call["type"] = "function"
-                call["function"] = {"name": piece.name, "arguments": ""}
-            else:
-                call["function"] = {"arguments": piece.arguments}
-            out += self._delta(run, {"tool_calls": [call]})
-        return out
-
-    def _whole(self, run: Run, reason: str) -> dict[str, Any]:
-        if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": run.reply}
-            if self.reasoning is not None:
-                thought, message["content"] = self.reasoning.split(run.reply)
-                if thought:
-                    message["reasoning_content"] = thought
-            if self.tools is not None:
-                content, calls = self.tools.parse(message["content"], cut=reason == "length")
-                message["content"] = None if calls and not content.strip() else content
-                if calls:
-                    message["tool_calls"] = [
-                        {
-                            "id": c.id,
-                            "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments},
-                        }
-                        for c in calls
-                    ]
-                    reason = "tool_calls" if reason == "stop" else reason
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
-            if self.logprobs:
-                choice["logprobs"] = {"content": _chat_logprobs(run.logprobs), "refusal": None}
-        else:
-            choice = {"index": 0, "text": run.reply, "logprobs": None, "finish_reason": reason}
-            if self.logprobs:
-                choice["logprobs"] = _text_logprobs(run.logprobs, 0)
-        return {**self._envelope(run), "choices": [choice], "usage": _usage(run)}
-
     @staticmethod
     def _event(data: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
+    # one JSON body
+
+    def _whole(self, run: Run) -> dict[str, Any]:
+        choices = [self._whole_choice(run, c) for c in self.choices]
+        return {**self._envelope(run), "choices": choices, "usage": _usage(run)}
+
+    def _whole_choice(self, run: Run, c: _Choice) -> dict[str, Any]:
+        candidate = run.candidates[c.index]
+        reason = _reason(candidate.finished)
+        reply = candidate.reply
+        if self.kind == "text":
+            choice: dict[str, Any] = {"index": c.index, "text": reply, "logprobs": None}
+            choice["finish_reason"] = reason
+            if self.logprobs:
+                choice["logprobs"] = _text_logprobs(candidate.logprobs, 0)
+            return choice
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        if c.reasoning is not None:
+            thought, message["content"] = c.reasoning.split(reply)
+            if thought:
+                message["reasoning_content"] = thought
+        if c.tools is not None:
+            content, calls = c.tools.parse(message["content"], cut=reason == "length")
+            message["content"] = None if calls and not content.strip() else content
+            if calls:
+                message["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in calls
+                ]
+                reason = "tool_calls" if reason == "stop" else reason
+        choice = {"index": c.index, "message": message, "finish_reason": reason}
+        if self.logprobs:
+            choice["logprobs"] = {"content": _chat_logprobs(candidate.logprobs), "refusal": None}
+        return choice
+
+
+def _reason(finished: Finished | None) -> str:
+    return "length" if finished is not None and finished.reason == "length" else "stop"
+
 
 def _usage(run: Run) -> dict[str, Any]:
-    completion = run.finished.completion_tokens if run.finished else 0
-    cached = run.finished.cached_tokens if run.finished else 0
+    finished = run.finished
+    completion = finished.completion_tokens if finished else 0
+    cached = finished.cached_tokens if finished else 0
     return {
-        "prompt_tokens": len(run.tokens),
+        "prompt_tokens": run.prompt_tokens,
         "completion_tokens": completion,
-        "total_tokens": len(run.tokens) + completion,
+        "total_tokens": run.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
 

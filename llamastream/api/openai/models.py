@@ -40,6 +40,9 @@ from llamastream.limits import (
     TopP,
 )
 
+# The most candidates (n x prompts) one request may ask for; the server's slots bound it too.
+MAX_CHOICES = 128
+
 # Template variables the server sets itself.
 _TEMPLATE_NAMES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
@@ -156,7 +159,7 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: Annotated[int, Field(ge=1, le=1), NOT_A_BOOL] = 1  # several choices: not yet
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1  # candidates, each on a slot
     response_format: ResponseFormat | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
@@ -420,8 +423,17 @@ class ChatCompletionRequest(_Common):
         return "v1:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Common):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # One prompt or several (one choice each), as text or as token ids.
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    )
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: Literal[False] = False  # the prompt's own log probabilities: not yet
     best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
@@ -430,9 +442,19 @@ class CompletionRequest(_Common):
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
 
-    @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     def texts(self) -> list[tuple[str, str]]:
-        return [("prompt", self.text)]
+        many = len(self.prompts()) > 1
+        return [
+            (f"prompt.{i}" if many else "prompt", p)
+            for i, p in enumerate(self.prompts())
+            if isinstance(p, str)
+        ]

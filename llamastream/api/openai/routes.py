@@ -20,7 +20,8 @@ from llamastream.api.openai.framing import Kind, OpenAIFraming
 from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest, ToolUse
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
 from llamastream.chat.reasoning import Thinking
-from llamastream.errors import ModelNotFoundError
+from llamastream.engine.sampling import SamplingParams
+from llamastream.errors import InvalidRequestError, ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
 
@@ -108,7 +109,7 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     thinking = service.thinking(text, req.reasoning_budget)
     split = (req.reasoning_format or service.settings.reasoning_format) == "auto"
     return await _complete(
-        request, service, req, "chat", text, req.conversation_key(), tool_use, thinking, split
+        request, service, req, "chat", [text], req.conversation_key(), tool_use, thinking, split
     )
 
 
@@ -118,7 +119,7 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
 async def completions(request: Request, service: ServiceDep) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
     req = await _request(request, service, CompletionRequest)
-    return await _complete(request, service, req, "text", req.text, None)
+    return await _complete(request, service, req, "text", req.prompts(), None)
 
 
 async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:
@@ -139,37 +140,71 @@ async def _complete(
     service: Service,
     req: ChatCompletionRequest | CompletionRequest,
     kind: Kind,
-    text: str,
+    prompts: list[str | list[int]],
     cache_key: str | None,
     tool_use: ToolUse | None = None,
     thinking: Thinking | None = None,
     split: bool = False,
 ) -> Response:
-    """Tokenize, admit and run a completion in OpenAI's framing."""
-    tokens = await service.tokenize(text)
-    params = req.sampling(
-        service.default_params(),
-        n_prompt=len(tokens),
-        n_ctx=service.settings.n_ctx,
-        limit=service.settings.reply_limit(),
-        n_vocab=service.pool.n_vocab,
-        tool_use=tool_use,
-    )
-    if thinking is not None:
-        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
-    ticket = service.admit(tokens)
+    """Tokenize, admit and run a completion in OpenAI's framing: ``n`` candidates of each
+    prompt, each on a slot of its own, admitted together or not at all."""
+    many = len(prompts) > 1
+    candidates: list[tuple[list[int], SamplingParams]] = []
+    for i, prompt in enumerate(prompts):
+        field = f"prompt.{i}" if many else "prompt"
+        tokens = await service.tokenize(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, str) and max(prompt) >= service.pool.n_vocab:
+            raise InvalidRequestError(
+                f"{field}: holds a token id outside the vocabulary (0 to "
+                f"{service.pool.n_vocab - 1})",
+                field=field,
+            )
+        params = req.sampling(
+            service.default_params(),
+            n_prompt=len(tokens),
+            n_ctx=service.settings.n_ctx,
+            limit=service.settings.reply_limit(),
+            n_vocab=service.pool.n_vocab,
+            tool_use=tool_use,
+        )
+        if thinking is not None:
+            params = params.updated(
+                reasoning=thinking.budget, special_tokens=thinking.special or None
+            )
+        for k in range(req.n):  # each candidate its own seed (a fixed one: seed, seed + 1...)
+            seed = None if params.seed is None else (params.seed + k) % 2**32
+            candidates.append((tokens, params.updated(seed=seed)))
+    slots = service.settings.num_of_concurrent_executions
+    if len(candidates) > slots:
+        raise InvalidRequestError(
+            f"{'prompt x n' if many else 'n'}: {len(candidates)} candidates, and this server "
+            f"runs at most {slots} at once",
+            field="prompt" if many else "n",
+        )
+    first_tokens, first_params = candidates[0]
+    ticket = service.admit(first_tokens, count=len(candidates))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     framing = OpenAIFraming(
         kind,
         service.model_id,
         stream=req.stream,
         include_usage=include_usage,
-        tools=tool_use.format.parser() if tool_use is not None else None,
-        reasoning=thinking.splitter() if thinking is not None and split else None,
-        logprobs=params.logprobs is not None,
+        choices=len(candidates),
+        tools=tool_use.format.parser if tool_use is not None else None,
+        reasoning=thinking.splitter if thinking is not None and split else None,
+        logprobs=first_params.logprobs is not None,
         fingerprint=service.fingerprint,
     )
-    run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=cache_key)
+    run = Run(
+        request,
+        first_tokens,
+        first_params,
+        ticket,
+        framing,
+        service.callback,
+        cache_key=cache_key,
+        more=candidates[1:],
+    )
     return service.respond(run)
 
 
