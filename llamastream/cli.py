@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "download", help="download a model into models/ (see `llamastream download -h`)"
     )
     download.add_argument("args", nargs=argparse.REMAINDER)
+    chat = commands.add_parser(
+        "chat", help="chat in the console with a server or a model (see `llamastream chat -h`)"
+    )
+    chat.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -164,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         raise SystemExit(download_main(argv[1:]))
+    if argv[:1] == ["chat"]:
+        from llamastream.console import main as chat_main
+
+        raise SystemExit(chat_main(argv[1:]))
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", None) or "info"
     logging.basicConfig(

@@ -141,7 +141,11 @@ class NdjsonFraming(PlainTextFraming):
                 "type": "done",
                 "finish_reason": "length" if finished and finished.reason == "length" else "stop",
                 "message_id": run.id,
-                "usage": {"prompt_tokens": len(run.tokens), "completion_tokens": completion},
+                "usage": {
+                    "prompt_tokens": len(run.tokens),
+                    "completion_tokens": completion,
+                    "cached_tokens": finished.cached_tokens if finished is not None else 0,
+                },
             }
         )
 
@@ -240,6 +244,10 @@ class ChatStream:
         """Load the model into every worker."""
         await self.service.start()
 
+    async def start_queue_worker(self) -> None:
+        """ChatStream's name for `start`, for applications written against it."""
+        await self.start()
+
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking requests (503, health too) and let running streams finish.
 
@@ -288,6 +296,15 @@ class ChatStream:
             raise
         run.callback = callback
         return service.respond(run)
+
+    async def handle_starlette_request(
+        self,
+        request: Request,
+        request_body: RequestBody = None,
+        callback: Callback | None = None,
+    ) -> Response:
+        """ChatStream's older name for `handle_chat_stream_request`."""
+        return await self.handle_chat_stream_request(request, request_body, callback)
 
     async def handle_clear_context_request(self, request: Request) -> Response:
         """Forget the conversation of the caller's session."""

@@ -61,6 +61,8 @@ async def test_plain_text_and_json_lines_keep_the_reasoning_apart(
         reasoning = "".join(e["text"] for e in events if e["type"] == "reasoning")
         content = "".join(e["text"] for e in events if e["type"] == "content")
         assert (reasoning, content) == (thought, answer)  # greedy: the same reply again
+        # Regenerating reads the same prompt again: all but its last token from the cache.
+        assert done["usage"]["cached_tokens"] == done["usage"]["prompt_tokens"] - 1
         messages = (await client.get("/get_prompt")).json()["messages"]
         assert len(messages) == 2 and messages[-1]["id"] == done["message_id"]
         assert (messages[-1]["reasoning"], messages[-1]["content"]) == (thought, answer)
