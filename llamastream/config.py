@@ -145,6 +145,27 @@ class Settings(BaseSettings):
         description="A thinking model's reasoning closed after this many tokens (its closing "
         "tag written for it; the answer follows); 0 closes it at once, -1: no budget.",
     )
+    embedding_model_path: Path | None = Field(
+        None,
+        description="An embedding GGUF serving /v1/embeddings (pooled as its metadata says), "
+        "on a thread and context of its own.",
+    )
+    embeddings_from_chat_model: bool = Field(
+        False,
+        description="Serve /v1/embeddings with the chat model (mean of its token states) when "
+        "no embedding_model_path is set; it gets a context and thread of its own.",
+    )
+    embedding_pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto",
+        description="How token states become one vector: `auto` follows the model's metadata "
+        "(mean for a model without pooling, such as a chat model).",
+    )
+    embedding_n_ctx: int = Field(
+        2048, ge=8, le=1_048_576, description="Most tokens per embedding input (and per batch)."
+    )
+    embedding_max_inputs: int = Field(
+        256, ge=1, le=100_000, description="Most inputs in one /v1/embeddings request."
+    )
     system_prompt: str | None = Field(
         None, description="System message placed first in every conversation."
     )

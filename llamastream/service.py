@@ -18,6 +18,7 @@ import anyio.to_thread
 
 from llamastream.chat.reasoning import ReasoningBudget, Thinking, think_tags
 from llamastream.config import Settings
+from llamastream.engine.embeddings import Embedder
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import SlotController, Ticket
@@ -52,6 +53,7 @@ class Service:
             metrics=self.metrics,
         )
         self.turn_locks = TurnLocks()
+        self.embedder: Embedder | None = None  # built by start() when embeddings are set up
         self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
         self.loaded = False
         self.draining = False
@@ -68,6 +70,24 @@ class Service:
         """Load the model into every worker."""
         self.draining = False
         await self.pool.start()
+        path = self.settings.embedding_model_path
+        if path is None and self.settings.embeddings_from_chat_model:
+            path = self.pool.model_path
+        if path is not None:
+            embedder = Embedder(
+                path,
+                pooling=self.settings.embedding_pooling,
+                n_ctx=self.settings.embedding_n_ctx,
+                n_gpu_layers=self.settings.n_gpu_layers,
+                n_threads=self.settings.n_threads,
+                max_waiting=max(1, self.settings.max_queue_size),
+            )
+            try:
+                await embedder.start()
+            except BaseException:
+                await self.pool.stop()
+                raise
+            self.embedder = embedder
         self.loaded = True
         self.turn_locks.start()
 
@@ -89,6 +109,9 @@ class Service:
         if self.loaded:
             self.loaded = False
             await self.pool.stop()
+            if self.embedder is not None:
+                await self.embedder.stop()
+                self.embedder = None
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -139,6 +162,15 @@ class Service:
     def model_names(self) -> set[str]:
         """The names a request may give the model by: its id and its aliases."""
         return {self.model_id, *self.settings.model_aliases}
+
+    @property
+    def embedding_model_id(self) -> str | None:
+        """The id /v1/embeddings serves under (None: no embeddings)."""
+        if self.embedder is None:
+            return None
+        if self.settings.embedding_model_path is None:
+            return self.model_id  # the chat model
+        return self.embedder.model_path.stem
 
     @property
     def fingerprint(self) -> str:

@@ -17,8 +17,8 @@ Two allowances, both stated in the report:
   generation parameters: what they refuse there depends on the server's settings and state,
   which a static schema cannot say (``max_new_tokens`` above the server's limit, an input
   longer than the context in tokens, regenerating an empty conversation, a token id beyond
-  the model's vocabulary). The report lists the error codes of those 400s so they can be
-  checked.
+  the model's vocabulary, an embedding input longer than its context). The report lists
+  the error codes of those 400s so they can be checked.
 
 Exits non-zero when Schemathesis found a failure, any response was a 5xx, the server died,
 or a slot is still busy afterwards. Bounded by ``--max-examples`` and ``--max-seconds``.
@@ -50,6 +50,7 @@ GENERATING = [
     "/v1/chat/completions",
     "/v1/completions",
     "/detokenize",
+    "/v1/embeddings",
 ]
 
 CONFIG = """\
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     extra = ["--n-ctx", "512", "--max-new-tokens", "32", "--n-threads", "1"]
+    extra += ["--embeddings-from-chat-model", "--embedding-n-ctx", "64"]  # /v1/embeddings too
     extra += ["--shutdown-grace-s", "5", "--max-input-chars", "4000"]
     with tempfile.TemporaryDirectory(prefix="llamastream-fuzz-") as tmp:
         work = Path(tmp)

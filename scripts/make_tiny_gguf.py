@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFWriter, PoolingType, TokenType
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,6 +57,7 @@ def write_tiny_gguf(
     n_layer: int = 2,
     seed: int = 0,
     chat_template: str = CHATML_TEMPLATE,
+    pooling: int | None = None,
 ) -> Path:
     """Write the tiny model to ``path`` (with ``chat_template``) and return the path."""
     path = Path(path)
@@ -100,6 +101,8 @@ def write_tiny_gguf(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(chat_template)
+    if pooling is not None:  # an embedding model: llama.cpp pools its states this way
+        writer.add_pooling_type(PoolingType(pooling))
 
     def randn(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -75,6 +75,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens not read again: the sequence held them already
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
 
 
 @dataclass(frozen=True)
@@ -710,7 +711,9 @@ class Worker:
 
     @staticmethod
     def _finished(slot: _Slot, reason: FinishReason) -> Finished:
-        return Finished(reason, len(slot.job.prompt_tokens), slot.generated, slot.cached)
+        return Finished(
+            reason, len(slot.job.prompt_tokens), slot.generated, slot.cached, slot.stops.matched
+        )
 
     @staticmethod
     def _take_logprobs(slot: _Slot) -> tuple[TokenLogprob, ...]:

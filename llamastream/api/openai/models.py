@@ -458,3 +458,41 @@ class CompletionRequest(_Common):
             for i, p in enumerate(self.prompts())
             if isinstance(p, str)
         ]
+
+
+class EmbeddingRequest(BaseModel):
+    """``/v1/embeddings``: one input or several, as text or token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # None: the served embedding model
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """Every input: text, or token ids."""
+        given = self.input
+        if isinstance(given, str):
+            return [given]
+        if all(isinstance(x, int) for x in given):
+            return [given]  # type: ignore[list-item]
+        return list(given)  # type: ignore[arg-type]
+
+    def check(self, max_inputs: int, max_chars: int) -> None:
+        """400s naming the field: too many inputs, too long a text."""
+        inputs = self.inputs()
+        if len(inputs) > max_inputs:
+            raise InvalidRequestError(
+                f"input: at most {max_inputs} inputs per request", field="input"
+            )
+        for i, item in enumerate(inputs):
+            field = f"input.{i}" if len(inputs) > 1 else "input"
+            if isinstance(item, str) and len(item) > max_chars:
+                raise InvalidRequestError(f"{field}: at most {max_chars} characters", field=field)

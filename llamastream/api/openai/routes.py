@@ -1,4 +1,4 @@
-"""The /v1 routes: /v1/chat/completions, /v1/completions, /v1/models.
+"""The /v1 routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
 Same engine, slots, queue and completion callback as the native endpoints; only the wire
 format differs (OpenAI's JSON objects, SSE for ``stream: true``, its error envelope, also for
@@ -7,8 +7,10 @@ unknown paths and methods under /v1).
 
 from __future__ import annotations
 
+import base64
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
@@ -17,7 +19,12 @@ from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
 from llamastream.api.errors import OpenAIRoute, unmatched
 from llamastream.api.openai.framing import Kind, OpenAIFraming
-from llamastream.api.openai.models import ChatCompletionRequest, CompletionRequest, ToolUse
+from llamastream.api.openai.models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ToolUse,
+)
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
 from llamastream.chat.reasoning import Thinking
 from llamastream.engine.sampling import SamplingParams
@@ -49,6 +56,33 @@ _MODELS = {
                 },
             },
         },
+    },
+}
+
+_EMBEDDINGS = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer"},
+                    "embedding": {
+                        "anyOf": [
+                            {"type": "array", "items": {"type": "number"}},
+                            {"type": "string"},
+                        ]
+                    },
+                },
+            },
+        },
+        "model": {"type": "string"},
+        "usage": {"type": "object"},
     },
 }
 
@@ -92,7 +126,19 @@ async def list_models(service: ServiceDep) -> Response:
         "owned_by": "llamastream",
         "context_length": service.settings.n_ctx,
     }
-    return JSONResponse({"object": "list", "data": [entry]})
+    entries = [entry]
+    embedder, embedding_id = service.embedder, service.embedding_model_id
+    if embedder is not None and embedding_id is not None and embedding_id != service.model_id:
+        entries.append(
+            {
+                "id": embedding_id,
+                "object": "model",
+                "created": int(embedder.model_path.stat().st_mtime),
+                "owned_by": "llamastream",
+                "context_length": embedder.n_ctx,
+            }
+        )
+    return JSONResponse({"object": "list", "data": entries})
 
 
 @_routes.post(
@@ -120,6 +166,64 @@ async def completions(request: Request, service: ServiceDep) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
     req = await _request(request, service, CompletionRequest)
     return await _complete(request, service, req, "text", req.prompts(), None)
+
+
+@_routes.post(
+    "/embeddings",
+    openapi_extra=model_body(EmbeddingRequest),
+    responses={
+        200: {
+            "description": "One vector per input, in order.",
+            "content": {"application/json": {"schema": _EMBEDDINGS}},
+        },
+        **error_responses(400, 401, 403, 404, 413, 429, 503, schema=OPENAI_ERROR_SCHEMA),
+    },
+)
+async def embeddings(request: Request, service: ServiceDep) -> Response:
+    """Unit vectors of ``input`` from the embedding model (its own thread and context)."""
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, EmbeddingRequest)
+    embedder, served = service.embedder, service.embedding_model_id
+    if embedder is None or served is None:
+        raise ModelNotFoundError(
+            "this server serves no embeddings (settings embedding_model_path or "
+            "embeddings_from_chat_model)",
+            field="model",
+        )
+    names = {served} | (service.model_names if served == service.model_id else set())
+    if req.model is not None and req.model not in names:
+        raise ModelNotFoundError(
+            f"the model {req.model!r} does not exist; embeddings come from {served!r}",
+            field="model",
+        )
+    req.check(service.settings.embedding_max_inputs, service.settings.max_input_chars)
+    if req.dimensions is not None and req.dimensions != embedder.n_embd:
+        raise InvalidRequestError(
+            f"dimensions: {served} gives vectors of {embedder.n_embd} dimensions and cannot "
+            "shorten them",
+            field="dimensions",
+        )
+    done = await embedder.embed(req.inputs())
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
+        for i, v in enumerate(done.vectors)
+    ]
+    used = sum(done.tokens)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": served,
+            "usage": {"prompt_tokens": used, "total_tokens": used},
+        }
+    )
+
+
+def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
+    """A vector as JSON numbers, or as OpenAI's base64 of little-endian float32."""
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
 
 
 async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:
