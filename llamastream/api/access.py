@@ -30,7 +30,9 @@ def check_access(settings: Settings, request: Request, endpoint: str) -> None:
     if role == "admin" and is_user:
         raise ForbiddenError(f"{endpoint} needs an admin key")
     needed = "an admin" if role == "admin" else "a valid API"
-    raise AuthenticationError(f"{needed} key is required (Authorization: Bearer KEY)")
+    raise AuthenticationError(
+        f"{needed} key is required (Authorization: Bearer KEY, or x-api-key: KEY)"
+    )
 
 
 def require(endpoint: str) -> Callable[[Request], Awaitable[None]]:
@@ -43,8 +45,11 @@ def require(endpoint: str) -> Callable[[Request], Awaitable[None]]:
 
 
 def _bearer(request: Request) -> str | None:
+    """The key the caller gave: ``Authorization: Bearer KEY``, or Anthropic's ``x-api-key``."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return given.strip() if scheme.lower() == "bearer" and given.strip() else None
+    if scheme.lower() == "bearer" and given.strip():
+        return given.strip()
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 def _matches(given: str, keys: list[str]) -> bool:

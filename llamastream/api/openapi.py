@@ -33,6 +33,19 @@ OPENAI_ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
 _WHY = {
     400: "The body or a parameter is not acceptable (`field` names it).",
     401: "An API key is required and none, or a wrong one, was given.",

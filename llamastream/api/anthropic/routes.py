@@ -1,0 +1,141 @@
+"""Anthropic's Messages API: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+A translation onto the same slots, queue, callbacks, tool calls and reasoning as the OpenAI
+routes: the request becomes the chat request the engine serves, the reply Anthropic's content
+blocks and events; errors use Anthropic's envelope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from llamastream.api.access import require
+from llamastream.api.anthropic.framing import AnthropicFraming
+from llamastream.api.anthropic.models import CountTokensRequest, MessagesRequest
+from llamastream.api.body import parse_body
+from llamastream.api.deps import ServiceDep
+from llamastream.api.errors import AnthropicRoute, invalid_from_validation
+from llamastream.api.openai.models import ChatCompletionRequest
+from llamastream.api.openai.routes import prepare_chat
+from llamastream.api.openapi import ANTHROPIC_ERROR_SCHEMA, error_responses, model_body
+from llamastream.errors import ModelNotFoundError
+from llamastream.service import Service
+from llamastream.streaming import Run
+
+router = APIRouter(prefix="/v1", route_class=AnthropicRoute, dependencies=[Depends(require("v1"))])
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["id", "type", "role", "content", "stop_reason", "usage"],
+    "properties": {"type": {"const": "message"}, "content": {"type": "array"}},
+}
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+
+
+@router.post(
+    "/messages",
+    openapi_extra=model_body(MessagesRequest),
+    responses={
+        200: {
+            "description": "One Message, or with `stream: true` its events (message_start, "
+            "content blocks, message_delta, message_stop).",
+            "content": {
+                "application/json": {"schema": _MESSAGE},
+                "text/event-stream": {"schema": _SSE_EVENT},
+            },
+        },
+        **error_responses(400, 401, 403, 404, 413, 429, 503, schema=ANTHROPIC_ERROR_SCHEMA),
+    },
+)
+async def messages(request: Request, service: ServiceDep) -> Response:
+    """Anthropic's Messages: text, tool use and thinking blocks, streamed as its events."""
+    req = await _request(request, service, MessagesRequest)
+    chat = _chat(req)
+    text, tool_use, thinking = prepare_chat(service, chat)
+    tokens = await service.tokenize(text)
+    params = chat.sampling(
+        service.default_params(),
+        n_prompt=len(tokens),
+        n_ctx=service.settings.n_ctx,
+        limit=service.settings.reply_limit(),
+        n_vocab=service.pool.n_vocab,
+        tool_use=tool_use,
+    )
+    params = params.updated(stop=tuple(req.stop_sequences or ()) or None)
+    if thinking is not None:
+        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
+    ticket = service.admit(tokens)
+    split = service.settings.reasoning_format == "auto"
+    framing = AnthropicFraming(
+        req.model,
+        stream=req.stream,
+        tools=tool_use.format.parser() if tool_use is not None else None,
+        reasoning=thinking.splitter() if thinking is not None and split else None,
+    )
+    run = Run(
+        request,
+        tokens,
+        params,
+        ticket,
+        framing,
+        service.callback,
+        cache_key=chat.conversation_key(),
+    )
+    return service.respond(run)
+
+
+@router.post(
+    "/messages/count_tokens",
+    openapi_extra=model_body(CountTokensRequest),
+    responses={
+        200: {
+            "description": "The tokens the prompt of such a request takes.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["input_tokens"],
+                        "properties": {"input_tokens": {"type": "integer"}},
+                    }
+                }
+            },
+        },
+        **error_responses(400, 401, 403, 404, 413, 503, schema=ANTHROPIC_ERROR_SCHEMA),
+    },
+)
+async def count_tokens(request: Request, service: ServiceDep) -> Response:
+    """The prompt tokens a Messages request with these messages, system and tools reads."""
+    req = await _request(request, service, CountTokensRequest)
+    text, _, _ = prepare_chat(service, _chat(req.as_messages()))
+    tokens = await service.tokenize(text)
+    return JSONResponse({"input_tokens": len(tokens)})
+
+
+async def _request(
+    request: Request, service: Service, model: type[MessagesRequest] | type[CountTokensRequest]
+) -> Any:
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, model)
+    if req.model not in service.model_names:
+        raise ModelNotFoundError(
+            f"model: {req.model!r} does not exist; this server runs {service.model_id!r} "
+            "(more names: the model_aliases setting)",
+            field="model",
+        )
+    return req
+
+
+def _chat(req: MessagesRequest) -> ChatCompletionRequest:
+    try:
+        chat = req.chat_request()
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    return chat
