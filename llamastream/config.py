@@ -31,6 +31,7 @@ DEFAULT_ROLES: dict[str, Literal["public", "user", "admin"]] = {
     "metrics": "public",
     "v1": "user",
     "tokenize": "user",
+    "ollama": "user",
 }
 
 

@@ -16,7 +16,13 @@ def route_of(scope: Scope) -> str:
     the raw path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if not isinstance(path, str):
+        return "unmatched"
+    # A route of a router included in another has its own part of the path only; FastAPI
+    # keeps the prefixes it was included under beside it.
+    included = (scope.get("fastapi") or {}).get("included_router")
+    prefix = getattr(getattr(included, "include_context", None), "prefix", "")
+    return (prefix if isinstance(prefix, str) else "") + path
 
 
 class Metrics:

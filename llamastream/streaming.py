@@ -212,8 +212,8 @@ class Run:
         """How the run ended, once every candidate has: the first's reason (cancelled if any
         was), every prompt counted once, every candidate's generated tokens."""
         ends = [c.finished for c in self.candidates]
-        if any(end is None for end in ends):
-            return None
+        if len(ends) == 1 or any(end is None for end in ends):
+            return ends[0] if len(ends) == 1 else None
         done = [end for end in ends if end is not None]
         firsts = [end for c, end in zip(self.candidates, done, strict=True) if not c.shares_prompt]
         cancelled = any(end.reason == "cancelled" for end in done)

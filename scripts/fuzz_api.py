@@ -17,7 +17,8 @@ Two allowances, both stated in the report:
   generation parameters: what they refuse there depends on the server's settings and state,
   which a static schema cannot say (``max_new_tokens`` above the server's limit, an input
   longer than the context in tokens, regenerating an empty conversation, a token id beyond
-  the model's vocabulary, an embedding input longer than its context). The report lists
+  the model's vocabulary, an embedding input longer than its context, a tool choice naming
+  no tool, a tool result answering no call, a chat template refusing the turns). The report lists
   the error codes of those 400s so they can be checked.
 
 Exits non-zero when Schemathesis found a failure, any response was a 5xx, the server died,
@@ -51,6 +52,13 @@ GENERATING = [
     "/v1/completions",
     "/detokenize",
     "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/show",
 ]
 
 CONFIG = """\

@@ -13,9 +13,11 @@ from fastapi.staticfiles import StaticFiles
 
 from llamastream import __version__
 from llamastream.api import native, openai, ops, tokens
+from llamastream.api.anthropic import routes as anthropic
 from llamastream.api.chatstream import ChatStream
 from llamastream.api.errors import install_error_handlers
 from llamastream.api.middleware import RequestContextMiddleware
+from llamastream.api.ollama import routes as ollama
 from llamastream.config import Settings
 from llamastream.service import Service
 from llamastream.sessions.middleware import SessionMiddleware
@@ -57,9 +59,11 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(anthropic.router)  # before the /v1 catch-all of the OpenAI family
     app.include_router(openai.router)
     app.include_router(ops.router)
     app.include_router(tokens.router)
+    app.include_router(ollama.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -96,8 +96,52 @@ class OpenAIEnvelope(_JSONEnvelope):
         return b"data: " + json.dumps(self.body(exc), ensure_ascii=False).encode() + b"\n\n"
 
 
+class AnthropicEnvelope(_JSONEnvelope):
+    """Anthropic's ``{"type": "error", "error": {"type", "message"}}`` (the field named in the
+    message); a stream ends with an ``error`` event of the same shape."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        409: "invalid_request_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+    }
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        message = exc.message
+        if exc.field is not None and not message.startswith(exc.field):
+            message = f"{exc.field}: {message}"
+        kind = self.TYPES.get(exc.status_code, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
+        body = json.dumps(self.body(exc), ensure_ascii=False)
+        return f"event: error\ndata: {body}\n\n".encode()
+
+
+class OllamaEnvelope(_JSONEnvelope):
+    """Ollama's ``{"error": "message"}`` (the field named in the message); a stream of JSON
+    lines ends with one of the same shape."""
+
+    def body(self, exc: LlamaStreamError) -> dict[str, Any]:
+        message = exc.message
+        if exc.field is not None and not message.startswith(exc.field):
+            message = f"{exc.field}: {message}"
+        return {"error": message}
+
+    def mid_stream(self, exc: LlamaStreamError) -> bytes | None:
+        return json.dumps(self.body(exc), ensure_ascii=False).encode() + b"\n"
+
+
 NATIVE = NativeEnvelope()
 OPENAI = OpenAIEnvelope()
+ANTHROPIC = AnthropicEnvelope()
+OLLAMA = OllamaEnvelope()
 
 
 class NativeRoute(APIRoute):
@@ -110,6 +154,18 @@ class OpenAIRoute(APIRoute):
     """A route of the OpenAI-compatible family."""
 
     envelope: ClassVar[Envelope] = OPENAI
+
+
+class AnthropicRoute(APIRoute):
+    """A route of the Anthropic-compatible family (Messages)."""
+
+    envelope: ClassVar[Envelope] = ANTHROPIC
+
+
+class OllamaRoute(APIRoute):
+    """A route of the Ollama-compatible family (/api)."""
+
+    envelope: ClassVar[Envelope] = OLLAMA
 
 
 def envelope_of(scope: Scope) -> Envelope:

@@ -61,6 +61,7 @@ class WorkerPool:
         self.model_name = self.model_path.name
         self._control: re.Pattern[str] | None = None
         self.n_vocab = 0
+        self.metadata: dict[str, str] = {}  # the GGUF's metadata, once started
         self.fingerprint = ""  # the model file and the llama.cpp build, once started
 
     async def start(self) -> None:
@@ -84,6 +85,7 @@ class WorkerPool:
     async def _start(self, started: list[Worker]) -> None:
         self._vocab = await asyncio.to_thread(load_llama, str(self.model_path), vocab_only=True)
         meta = self._vocab.metadata
+        self.metadata = dict(meta)
         bos = self._token_text(self._vocab.token_bos())
         eos = self._token_text(self._vocab.token_eos())
         own = self.settings.chat_template_file

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from llama_cpp.llama_grammar import JSON_GBNF
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from llamastream.chat.templates import ChatTemplate
 from llamastream.chat.tools import (
@@ -167,8 +175,15 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False
     logit_bias: dict[str, Bias] | None = None  # token id (as a string) → bias
     # OpenAI's fields that change nothing here at these values; others are refused.
-    store: Literal[False] | None = None  # completions are never stored
+    store: StrictBool | None = None  # completions are never stored: true is refused
     service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("store", "echo", check_fields=False)
+    @classmethod
+    def _false_only(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value:
+            raise ValueError(f"{info.field_name}: true is not supported by this server")
+        return value
 
     def top_logprobs_asked(self) -> int | None:
         """How many most likely tokens to give with each token's log probability (None: no
@@ -435,7 +450,7 @@ class CompletionRequest(_Common):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
     )
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False  # the prompt's own log probabilities: not yet
+    echo: StrictBool = False  # the prompt's own log probabilities: not yet (true refused)
     best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
     suffix: None = None  # insertion: not supported
 

@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from llamastream.api.access import require
 from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
-from llamastream.api.errors import OpenAIRoute, unmatched
+from llamastream.api.errors import OpenAIRoute, invalid_from_validation, unmatched
 from llamastream.api.openai.framing import Kind, OpenAIFraming
 from llamastream.api.openai.models import (
     ChatCompletionRequest,
@@ -25,6 +26,7 @@ from llamastream.api.openai.models import (
     EmbeddingRequest,
     ToolUse,
 )
+from llamastream.api.openai.responses import ResponsesFraming, ResponsesRequest
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
 from llamastream.chat.reasoning import Thinking
 from llamastream.engine.sampling import SamplingParams
@@ -32,7 +34,7 @@ from llamastream.errors import InvalidRequestError, ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
 
-RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 router = APIRouter(prefix="/v1", route_class=OpenAIRoute)
 _routes = APIRouter(dependencies=[Depends(require("v1"))], route_class=OpenAIRoute)
@@ -149,10 +151,7 @@ async def list_models(service: ServiceDep) -> Response:
 async def chat_completions(request: Request, service: ServiceDep) -> Response:
     """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
     req = await _request(request, service, ChatCompletionRequest)
-    pool = service.pool
-    tool_use = req.tool_use(pool.template)
-    text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
-    thinking = service.thinking(text, req.reasoning_budget)
+    text, tool_use, thinking = prepare_chat(service, req)
     split = (req.reasoning_format or service.settings.reasoning_format) == "auto"
     return await _complete(
         request, service, req, "chat", [text], req.conversation_key(), tool_use, thinking, split
@@ -224,6 +223,72 @@ def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
     return [float(x) for x in vector]
+
+
+@_routes.post(
+    "/responses",
+    openapi_extra=model_body(ResponsesRequest),
+    responses={
+        200: {
+            "description": "A Response, or with `stream: true` its typed events "
+            "(response.created, output items and their deltas, response.completed).",
+            "content": {
+                "application/json": {"schema": {"type": "object", "required": ["id", "output"]}},
+                "text/event-stream": {"schema": _SSE_EVENT},
+            },
+        },
+        **error_responses(400, 401, 403, 404, 413, 429, 500, 503, schema=OPENAI_ERROR_SCHEMA),
+    },
+)
+async def responses(request: Request, service: ServiceDep) -> Response:
+    """OpenAI's Responses API, stateless: ``input`` items in, output items back."""
+    req = await _request(request, service, ResponsesRequest)
+    try:
+        chat = req.chat_request()
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    text, tool_use, thinking = prepare_chat(service, chat)
+    tokens = await service.tokenize(text)
+    params = chat.sampling(
+        service.default_params(),
+        n_prompt=len(tokens),
+        n_ctx=service.settings.n_ctx,
+        limit=service.settings.reply_limit(),
+        n_vocab=service.pool.n_vocab,
+        tool_use=tool_use,
+    )
+    if thinking is not None:
+        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
+    ticket = service.admit(tokens)
+    split = service.settings.reasoning_format == "auto"
+    framing = ResponsesFraming(
+        req,
+        service.model_id,
+        tools=tool_use.format.parser() if tool_use is not None else None,
+        reasoning=thinking.splitter() if thinking is not None and split else None,
+    )
+    run = Run(
+        request,
+        tokens,
+        params,
+        ticket,
+        framing,
+        service.callback,
+        cache_key=chat.conversation_key(),
+    )
+    return service.respond(run)
+
+
+def prepare_chat(
+    service: Service, req: ChatCompletionRequest
+) -> tuple[str, ToolUse | None, Thinking | None]:
+    """A chat request's prompt text (the model's template, the server's system prompt, the
+    tools offered), its tool use, and how the model thinks in its reply."""
+    req.check_lengths(service.settings.max_input_chars)
+    pool = service.pool
+    tool_use = req.tool_use(pool.template)
+    text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
+    return text, tool_use, service.thinking(text, req.reasoning_budget)
 
 
 async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:

@@ -1,0 +1,317 @@
+"""Ollama's API: /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps,
+/api/version. A translation onto the same slots, queue, callbacks, tool calls and reasoning as
+the other dialects; errors are Ollama's ``{"error": "..."}``, also for unknown /api paths."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from llamastream.api.access import require
+from llamastream.api.body import parse_body
+from llamastream.api.deps import ServiceDep
+from llamastream.api.errors import OllamaRoute, invalid_from_validation, unmatched
+from llamastream.api.ollama.framing import Kind, OllamaFraming, now
+from llamastream.api.ollama.models import (
+    ChatRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ShowRequest,
+    _Generating,
+)
+from llamastream.api.openai.models import ChatCompletionRequest
+from llamastream.api.openai.routes import prepare_chat
+from llamastream.api.openapi import error_responses, json_ok, model_body
+from llamastream.errors import InvalidRequestError, ModelNotFoundError
+from llamastream.service import Service
+from llamastream.streaming import Run
+
+# The version of Ollama's API these routes follow (clients check it).
+OLLAMA_API_VERSION = "0.12.0"
+# llama.cpp's file types, as Ollama names the quantization.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}  # fmt: skip
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_OBJECT = {"type": "object"}
+
+RequestT = TypeVar("RequestT", ChatRequest, GenerateRequest, EmbedRequest, ShowRequest)
+
+router = APIRouter(prefix="/api", route_class=OllamaRoute)
+_routes = APIRouter(dependencies=[Depends(require("ollama"))], route_class=OllamaRoute)
+
+
+def _errors(*statuses: int) -> dict[int | str, Any]:
+    return error_responses(*statuses, schema=_ERROR)
+
+
+@_routes.get("/version", responses={200: json_ok(_OBJECT)})
+async def version() -> Response:
+    """The Ollama API version these routes follow."""
+    return JSONResponse({"version": OLLAMA_API_VERSION})
+
+
+@_routes.get("/tags", responses={200: json_ok(_OBJECT), **_errors(401, 403, 503)})
+async def tags(service: ServiceDep) -> Response:
+    """The served model (and the embedding model, if another)."""
+    service.check_ready()
+    return JSONResponse({"models": _models(service)})
+
+
+@_routes.get("/ps", responses={200: json_ok(_OBJECT), **_errors(401, 403, 503)})
+async def ps(service: ServiceDep) -> Response:
+    """The loaded models: every served model stays loaded."""
+    service.check_ready()
+    forever = "2318-01-01T00:00:00Z"  # no keep-alive expiry: loaded until the server stops
+    models = [
+        {**m, "expires_at": forever, "size_vram": 0, "context_length": service.settings.n_ctx}
+        for m in _models(service)
+    ]
+    return JSONResponse({"models": models})
+
+
+@_routes.post(
+    "/show",
+    openapi_extra=model_body(ShowRequest),
+    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 503)},
+)
+async def show(request: Request, service: ServiceDep) -> Response:
+    """The model's template, details, metadata and capabilities."""
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, ShowRequest)
+    name = _model_name(service, req.model or req.name, embeddings=True)
+    pool = service.pool
+    capabilities = ["completion", "tools"]
+    if service.thinking("") is not None:
+        capabilities.append("thinking")
+    if service.embedder is not None:
+        capabilities.append("embedding")
+    info = {k: v for k, v in pool.metadata.items() if not k.startswith("tokenizer.ggml.")}
+    return JSONResponse(
+        {
+            "modelfile": f"FROM {pool.model_path}\n",
+            "parameters": "",
+            "template": pool.template.source,
+            "details": _details(service),
+            "model_info": {**info, "llamastream.n_ctx": service.settings.n_ctx, "model": name},
+            "capabilities": capabilities,
+            "modified_at": _modified(pool.model_path.stat().st_mtime),
+        }
+    )
+
+
+@_routes.post(
+    "/chat",
+    openapi_extra=model_body(ChatRequest),
+    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 413, 429, 503)},
+)
+async def chat(request: Request, service: ServiceDep) -> Response:
+    """Chat, streamed as NDJSON unless ``stream: false``."""
+    req = await _request(request, service, ChatRequest)
+    if not req.messages:  # a client loading the model: it is loaded
+        return _loaded(service, req, "chat")
+    try:
+        body = req.chat_request(service.settings.n_ctx)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    return await _run(request, service, req, "chat", body, None)
+
+
+@_routes.post(
+    "/generate",
+    openapi_extra=model_body(GenerateRequest),
+    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 413, 429, 503)},
+)
+async def generate(request: Request, service: ServiceDep) -> Response:
+    """A completion of ``prompt`` (through the chat template unless ``raw``)."""
+    req = await _request(request, service, GenerateRequest)
+    if not req.prompt:
+        return _loaded(service, req, "generate")
+    messages = [{"role": "system", "content": req.system}] if req.system else []
+    messages.append({"role": "user", "content": req.prompt})
+    try:
+        body = ChatCompletionRequest.model_validate(req.chat_body(messages, service.settings.n_ctx))
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    return await _run(request, service, req, "generate", body, req.prompt if req.raw else None)
+
+
+@_routes.post(
+    "/embed",
+    openapi_extra=model_body(EmbedRequest),
+    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 413, 429, 503)},
+)
+async def embed(request: Request, service: ServiceDep) -> Response:
+    """Unit vectors of ``input`` (the embedding model's own thread and context)."""
+    started = time.monotonic_ns()
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, EmbedRequest)
+    embedder = service.embedder
+    if embedder is None:
+        raise ModelNotFoundError(
+            "this server serves no embeddings (settings embedding_model_path or "
+            "embeddings_from_chat_model)",
+            field="model",
+        )
+    name = _model_name(service, req.model, embeddings=True)
+    inputs: list[str | list[int]] = [req.input] if isinstance(req.input, str) else [*req.input]
+    if len(inputs) > service.settings.embedding_max_inputs:
+        raise InvalidRequestError(
+            f"input: at most {service.settings.embedding_max_inputs} inputs", field="input"
+        )
+    if req.dimensions is not None and req.dimensions != embedder.n_embd:
+        raise InvalidRequestError(
+            f"dimensions: the model gives {embedder.n_embd} and cannot shorten them",
+            field="dimensions",
+        )
+    done = await embedder.embed(inputs)
+    return JSONResponse(
+        {
+            "model": name,
+            "embeddings": [[float(x) for x in v] for v in done.vectors],
+            "total_duration": time.monotonic_ns() - started,
+            "load_duration": 0,
+            "prompt_eval_count": sum(done.tokens),
+        }
+    )
+
+
+async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:
+    service.check_ready()
+    req = await parse_body(request, None, service.settings.max_body_bytes, model)
+    if isinstance(req, _Generating):
+        req.model = _model_name(service, req.model)
+        req.check_keep_alive()
+    return req
+
+
+async def _run(
+    request: Request,
+    service: Service,
+    req: ChatRequest | GenerateRequest,
+    kind: Kind,
+    chat: ChatCompletionRequest,
+    raw: str | None,
+) -> Response:
+    text, tool_use, thinking = prepare_chat(service, chat)
+    if raw is not None:
+        text, thinking = raw, None
+    tokens = await service.tokenize(text)
+    limit = service.settings.reply_limit()
+    params = chat.sampling(
+        service.default_params(),
+        n_prompt=len(tokens),
+        n_ctx=service.settings.n_ctx,
+        limit=limit,
+        n_vocab=service.pool.n_vocab,
+        tool_use=tool_use,
+    )
+    if req.unlimited:  # num_predict -1: as long as the context allows
+        params = params.updated(max_new_tokens=min(limit, service.settings.n_ctx - len(tokens)))
+    if thinking is not None:
+        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
+    ticket = service.admit(tokens)
+    split = req.think is not False and service.settings.reasoning_format == "auto"
+    framing = OllamaFraming(
+        kind,
+        req.model,
+        stream=req.stream,
+        tools=tool_use.format.parser() if tool_use is not None else None,
+        reasoning=thinking.splitter() if thinking is not None and split else None,
+    )
+    key = chat.conversation_key() if kind == "chat" else None
+    run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=key)
+    return service.respond(run)
+
+
+def _loaded(service: Service, req: _Generating, kind: Kind) -> Response:
+    """The answer to an empty request, Ollama's way of loading a model."""
+    last: dict[str, Any] = {"model": req.model, "created_at": now()}
+    if kind == "chat":
+        last["message"] = {"role": "assistant", "content": ""}
+    else:
+        last["response"] = ""
+    return JSONResponse({**last, "done": True, "done_reason": "load"})
+
+
+def _model_name(service: Service, given: str, *, embeddings: bool = False) -> str:
+    """The served model a request names (``name`` or ``name:latest``); 404 otherwise."""
+    base = given.removesuffix(":latest")
+    names = set(service.model_names)
+    if embeddings and service.embedding_model_id is not None:
+        names.add(service.embedding_model_id)
+    if base not in names:
+        raise ModelNotFoundError(
+            f"model {given!r} not found; this server runs {service.model_id!r}", field="model"
+        )
+    return given
+
+
+def _models(service: Service) -> list[dict[str, Any]]:
+    pool = service.pool
+    stat = pool.model_path.stat()
+    entries = [
+        {
+            "name": f"{service.model_id}:latest",
+            "model": f"{service.model_id}:latest",
+            "modified_at": _modified(stat.st_mtime),
+            "size": stat.st_size,
+            "digest": hashlib.sha256(pool.fingerprint.encode()).hexdigest(),
+            "details": _details(service),
+        }
+    ]
+    embedder, embedding_id = service.embedder, service.embedding_model_id
+    if embedder is not None and embedding_id is not None and embedding_id != service.model_id:
+        estat = embedder.model_path.stat()
+        entries.append(
+            {
+                "name": f"{embedding_id}:latest",
+                "model": f"{embedding_id}:latest",
+                "modified_at": _modified(estat.st_mtime),
+                "size": estat.st_size,
+                "digest": hashlib.sha256(str(embedder.model_path).encode()).hexdigest(),
+                "details": {"format": "gguf", "family": "", "families": []},
+            }
+        )
+    return entries
+
+
+def _details(service: Service) -> dict[str, Any]:
+    meta = service.pool.metadata
+    arch = meta.get("general.architecture", "")
+    file_type = meta.get("general.file_type")
+    level = _FILE_TYPES.get(int(file_type), str(file_type)) if file_type is not None else ""
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else [],
+        "parameter_size": meta.get("general.size_label", ""),
+        "quantization_level": level,
+    }
+
+
+def _modified(mtime: float) -> str:
+    return datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+router.include_router(_routes)
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,
+)
+async def unknown(request: Request) -> Response:
+    """Unknown paths and methods under /api: 404 or 405, in Ollama's envelope."""
+    path = "/" + request.path_params["path"]
+    raise unmatched(path, request.method, _routes.routes, full_path=request.url.path)
