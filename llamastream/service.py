@@ -70,6 +70,7 @@ class Service:
         """Load the model into every worker."""
         self.draining = False
         await self.pool.start()
+        await anyio.to_thread.run_sync(self.thinking, "")  # the closing tag's tokens, once
         path = self.settings.embedding_model_path
         if path is None and self.settings.embeddings_from_chat_model:
             path = self.pool.model_path

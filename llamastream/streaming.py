@@ -152,7 +152,9 @@ class Candidate:
     index: int
     tokens: list[int]
     params: SamplingParams
-    shares_prompt: bool = False  # the same prompt as an earlier candidate: copy its cache
+    # Another candidate of the same prompt (``n``), started once it has read the prompt so
+    # that this one copies its cache.
+    source: int | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the params ask for them
     finished: Finished | None = None
@@ -193,8 +195,11 @@ class Run:
     def __post_init__(self) -> None:
         prompts = [self.tokens, *(tokens for tokens, _ in self.more)]
         params = [self.params, *(p for _, p in self.more)]
+        # Copies of one prompt (the same list: ``n`` candidates) share it; equal prompts given
+        # apart (several prompts) are read and counted apart, as OpenAI counts them.
+        first = {id(tokens): i for i, tokens in reversed(list(enumerate(prompts)))}
         self.candidates = [
-            Candidate(i, tokens, p, shares_prompt=tokens in prompts[:i])
+            Candidate(i, tokens, p, source=None if first[id(tokens)] == i else first[id(tokens)])
             for i, (tokens, p) in enumerate(zip(prompts, params, strict=True))
         ]
 
@@ -215,7 +220,7 @@ class Run:
         if len(ends) == 1 or any(end is None for end in ends):
             return ends[0] if len(ends) == 1 else None
         done = [end for end in ends if end is not None]
-        firsts = [end for c, end in zip(self.candidates, done, strict=True) if not c.shares_prompt]
+        firsts = [end for c, end in zip(self.candidates, done, strict=True) if c.source is None]
         cancelled = any(end.reason == "cancelled" for end in done)
         return Finished(
             "cancelled" if cancelled else done[0].reason,
@@ -227,7 +232,7 @@ class Run:
     @property
     def prompt_tokens(self) -> int:
         """Prompt tokens of the run, each prompt counted once."""
-        return sum(len(c.tokens) for c in self.candidates if not c.shares_prompt)
+        return sum(len(c.tokens) for c in self.candidates if c.source is None)
 
     @property
     def done(self) -> bool:
@@ -350,8 +355,8 @@ class Runner:
     async def _start_job(self, run: Run) -> asyncio.TimerHandle | None:
         """Wait for the run's slots and hand its jobs to the workers; the time limit's timer.
 
-        Candidates that share the first one's prompt start once it has read the prompt, so
-        that they copy its cache instead of reading the prompt again.
+        Candidates that share another's prompt start once it has read the prompt, so that
+        they copy its cache instead of reading the prompt again.
         """
         slot = await self._wait_for_slot(run)
         if self.metrics is not None:
@@ -362,7 +367,7 @@ class Runner:
         slots = run.ticket.slots
         self._submit(run, run.candidates[0], slots[0], restore)
         for candidate in run.candidates[1:]:
-            if not candidate.shares_prompt:
+            if candidate.source is None:
                 self._submit(run, candidate, slots[candidate.index])
         if not math.isfinite(self.max_generation_s):
             return None
@@ -379,17 +384,17 @@ class Runner:
             cache_key=run.cache_key if index == 0 else None,
             restore=restore,
         )
-        if run.stop_error is not None:
+        if run.stop_error is not None or run.time_limited:
             candidate.job.cancel.set()
         self.pool.submit(slot, candidate.job)
 
     def _submit_sharing(self, run: Run) -> None:
-        """Start the candidates waiting for the first one's prompt, once it is read."""
-        first = run.candidates[0]
-        if not (first.text or first.logprobs or first.finished):
-            return
-        for candidate in run.candidates[1:]:
-            if candidate.shares_prompt and candidate.job is None and not candidate.finished:
+        """Start the candidates waiting for another one's prompt, once it is read."""
+        for candidate in run.candidates:
+            if candidate.source is None or candidate.job is not None or candidate.finished:
+                continue
+            source = run.candidates[candidate.source]
+            if source.text or source.logprobs or source.finished:
                 self._submit(run, candidate, run.ticket.slots[candidate.index])
 
     async def _stream(self, run: Run, send: Send) -> None:

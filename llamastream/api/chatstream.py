@@ -413,7 +413,9 @@ class ChatStream:
     ) -> tuple[list[int], str]:
         """The prompt's tokens and text, its oldest turns dropped until it fits."""
         pool = self.service.pool
-        budget = self.settings.n_ctx - params.max_new_tokens
+        # Room kept for the reply: what the session asks, at most the default length (a
+        # longer reply is cut to the room the prompt leaves, as on /v1).
+        budget = self.settings.n_ctx - min(params.max_new_tokens, self.settings.max_new_tokens)
         view = prompt.copy()
         for message in view.messages:
             message.content = pool.defuse(message.content)

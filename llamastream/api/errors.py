@@ -8,9 +8,10 @@ and, beside it, after a stream started (what the stream's last bytes say, if any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
 from fastapi import FastAPI, Request
@@ -229,6 +230,34 @@ def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in _field_path(first["loc"])) or "body"
     return InvalidRequestError(f"{field}: {first['msg']}", field=field)
+
+
+def renamed(exc: InvalidRequestError, rules: Sequence[tuple[str, str]]) -> InvalidRequestError:
+    """``exc`` naming the field as a dialect's client knows it: the first of ``rules``
+    (regular expression, replacement) that matches the translated request's field name."""
+    field = exc.field
+    if field is None:
+        return exc
+    for pattern, replacement in rules:
+        new, count = re.subn(f"^{pattern}", replacement, field)
+        if count:
+            message = exc.message
+            if message.startswith(field):
+                message = new + message[len(field) :]
+            exc.message, exc.field = message, new
+            break
+    return exc
+
+
+@contextlib.contextmanager
+def renaming(rules: Sequence[tuple[str, str]]) -> Iterator[None]:
+    """Within: a 400 (or a pydantic refusal) names its field as `renamed` says."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise renamed(invalid_from_validation(exc), rules) from None
+    except InvalidRequestError as exc:
+        raise renamed(exc, rules) from None
 
 
 # pydantic adds the member tried to the location of an error in a union: `prompt.str`,

@@ -22,7 +22,12 @@ from llama_cpp import _internals as internals
 
 from llamastream.engine.threads import CpuSet, plan_threads
 from llamastream.engine.worker import _LOAD_LOCK
-from llamastream.errors import InputTooLongError, InvalidRequestError, QueueFullError
+from llamastream.errors import (
+    InputTooLongError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +89,20 @@ class Embedder:
 
     async def embed(self, inputs: list[str | list[int]]) -> Embedded:
         """Unit vectors of ``inputs``; `InputTooLongError` naming the input that does not fit."""
+        if self._ctx is None:
+            raise NotReadyError("the embedding model is not loaded", retry_after=5)
         if self._waiting >= self.max_waiting:
             raise QueueFullError(retry_after=1)
         self._waiting += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._embed, inputs)
-        finally:
-            self._waiting -= 1
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(self._embed, inputs)
+        # Counted until the work itself ends (or is cancelled before it began): a client that
+        # leaves does not free its place while the embedder still reads its inputs.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        return await asyncio.wrap_future(job)
+
+    def _done(self) -> None:
+        self._waiting -= 1
 
     # the embedder's thread
 
@@ -157,7 +168,8 @@ class Embedder:
         return tokens
 
     def _embed(self, inputs: list[str | list[int]]) -> Embedded:
-        assert self._ctx is not None and self._batch is not None and self._model is not None
+        if self._ctx is None or self._batch is None or self._model is None:
+            raise NotReadyError("the embedding model is stopping", retry_after=5)
         n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model.model))
         many = len(inputs) > 1
         prompts = []

@@ -21,6 +21,7 @@ class StopScanner:
         self.stops = [s for s in stops if s]
         self._held = ""
         self.matched: str | None = None  # the stop string that ended the text
+        self.sent_before_stop = ""  # the text held back when it matched, before the stop
 
     def feed(self, text: str) -> tuple[str, bool]:
         buffer = self._held + text
@@ -28,6 +29,7 @@ class StopScanner:
         if hits:
             self._held = ""
             at, self.matched = min(hits, key=lambda hit: hit[0])
+            self.sent_before_stop = buffer[:at]
             return buffer[:at], True
         keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""

@@ -18,6 +18,7 @@ import ctypes
 import logging
 import queue
 import random
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,13 +148,21 @@ class _Slot:
         self.stops = StopScanner(job.params.stop)
         # Tokens written for the model instead of sampled: a reasoning budget's closing tag.
         self.forced: list[int] = []
-        budget = job.params.reasoning
+        p = job.params
+        budget = p.reasoning
+        # A grammar holding the whole reply would refuse the closing tag: no budget then.
+        if p.grammar and not p.grammar_triggers:
+            budget = None
         self.budget = BudgetWatch(budget) if budget is not None else None
+        # With a lazy grammar, the reply so far: once it has triggered, nothing is forced.
+        self.triggers = [re.compile(t) for t in p.grammar_triggers] if budget else []
+        self.text = ""
         if self.budget is not None and self.budget.at_start():
             self.forced = list(self.budget.budget.close_tokens)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
         self.cached = 0  # prompt tokens the sequence already held
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not sent yet
+        self.logprob_chars: list[int] = []  # the characters each of those tokens decoded to
         p = job.params
         penalized = p.repeat_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         # The last generated tokens, for the repetition penalties (None: no penalties).
@@ -684,10 +693,23 @@ class Worker:
             return
         slot.generated += 1
         piece = slot.decoder.decode(self._piece(token, job.params.special_tokens))
+        if slot.triggers:
+            slot.text += piece
         if slot.budget is not None and slot.budget.feed(piece):
-            slot.forced = list(slot.budget.budget.close_tokens)
+            if not any(t.search(slot.text) for t in slot.triggers):  # the grammar is not on
+                slot.forced = list(slot.budget.budget.close_tokens)
+        if slot.logprobs:
+            slot.logprob_chars.append(len(piece))
         text, stopped = slot.stops.feed(piece)
-        if text:
+        if stopped:  # tokens wholly inside the stop string (never sent) are no part of it
+            kept, sent, before = 0, 0, len(slot.stops.sent_before_stop)
+            for chars in slot.logprob_chars:
+                if sent >= before:
+                    break
+                sent += chars
+                kept += 1
+            del slot.logprobs[kept:]
+        if text or (stopped and slot.logprobs):
             job.on_event(TextChunk(text, self._take_logprobs(slot)))
         if stopped:
             self._end(slot, self._finished(slot, "stop"))
@@ -719,6 +741,7 @@ class Worker:
     def _take_logprobs(slot: _Slot) -> tuple[TokenLogprob, ...]:
         taken = tuple(slot.logprobs)
         slot.logprobs.clear()
+        slot.logprob_chars.clear()
         return taken
 
     def _end(self, slot: _Slot, event: Finished | Failed) -> None:

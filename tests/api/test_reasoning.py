@@ -120,3 +120,28 @@ async def test_reasoning_budget_setting_and_bad_values(api: Client, thinking_mod
             )
             assert refused.status_code == 400
             assert refused.json()["error"]["param"] == "reasoning_budget"
+
+
+async def test_no_budget_against_a_grammar_holding_the_whole_reply(
+    api: Client, thinking_model: Path
+) -> None:
+    # The closing tag cannot be written for the model under a JSON grammar: no budget then
+    # (the grammar would refuse the tag), and the server answers and goes on.
+    body = {**BODY, "max_tokens": 24, "reasoning_budget": 2}
+    async with api(model_path=thinking_model) as (client, _):
+        shaped = await client.post(
+            "/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}}
+        )
+        assert shaped.status_code == 200
+        again = await client.post("/v1/chat/completions", json=body)
+        assert again.status_code == 200
+
+
+async def test_asking_a_model_that_does_not_think_to_think_is_refused(api: Client) -> None:
+    async with api() as (client, _):
+        asked = {**BODY, "model": "tiny", "reasoning_budget": 16}
+        refused = await client.post("/v1/chat/completions", json=asked)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "reasoning_budget"
+        fine = await client.post("/v1/chat/completions", json={**asked, "reasoning_budget": 0})
+        assert fine.status_code == 200

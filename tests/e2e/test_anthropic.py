@@ -144,6 +144,10 @@ def test_tool_use_round_trip_whole_and_streamed(
         )
         assert [b.name for b in named.content if b.type == "tool_use"] == ["get_weather"]
 
+        prefill = [*HELLO, {"role": "assistant", "content": "{"}]
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.create(model="tiny", max_tokens=8, messages=prefill)
+        assert refused.value.body["error"]["message"].startswith("messages.1:")  # type: ignore[index]
         orphan = [*HELLO, history[2]]
         with pytest.raises(anthropic.BadRequestError) as refused:
             client.messages.create(model="tiny", max_tokens=8, messages=orphan, tools=TOOLS)

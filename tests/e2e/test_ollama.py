@@ -132,6 +132,7 @@ def test_tools_thinking_and_json(settings_kwargs: dict[str, Any], tmp_path: Path
         assert "".join(c.message.thinking or "" for c in chunks) == thought.message.thinking
         plain = client.chat(model="tiny", messages=HELLO, options=options, think=False)
         assert not plain.message.thinking
+        assert plain.message.content and "</think>" not in plain.message.content
 
     with served(settings_kwargs) as (client, _):
         schema = {
@@ -163,6 +164,12 @@ def test_errors_in_ollamas_envelope(settings_kwargs: dict[str, Any]) -> None:
         assert unload.value.error.startswith("keep_alive")
         kept = client.generate(model="tiny", prompt="x", keep_alive="10m", options=GREEDY)
         assert kept.done
+        with pytest.raises(ollama.ResponseError) as no_thinking:
+            client.chat(model="tiny", messages=HELLO, think=True)
+        assert no_thinking.value.status_code == 400 and no_thinking.value.error.startswith("think")
+        with pytest.raises(ollama.ResponseError) as too_long:
+            client.chat(model="tiny", messages=HELLO, options={"num_predict": 100000})
+        assert too_long.value.error.startswith("options.num_predict")
         with pytest.raises(ollama.ResponseError) as no_embed:
             client.embed(model="tiny", input="x")
         assert no_embed.value.status_code == 404

@@ -54,9 +54,22 @@ def test_logprobs_whole_and_streamed(settings_kwargs: dict[str, Any]) -> None:
         # (the prompt now comes from the cache: its last token read alone, a little apart)
         assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in tokens], abs=1e-3)
 
+        # Stopped by a stop string: the log probabilities are those of the tokens whose text
+        # was sent (the last may run on into the stop string), none wholly inside it.
+        stop = choice.message.content[3:5]
+        stopped = client.chat.completions.create(**asked, stop=[stop]).choices[0]
+        kept = stopped.logprobs.content or []  # type: ignore[union-attr]
+        sent = b"".join(bytes(t.bytes or []) for t in kept)
+        content = (stopped.message.content or "").encode()
+        assert sent.startswith(content)
+        assert len(b"".join(bytes(t.bytes or []) for t in kept[:-1])) < len(content)
+
         text = client.completions.create(
-            model=MODEL, prompt="Once upon", max_tokens=6, temperature=0, logprobs=2
+            model=MODEL, prompt="日本語", max_tokens=12, temperature=0, logprobs=2
         )
+        legacy_text = text.choices[0].text
+        offsets = text.choices[0].logprobs.text_offset or []  # type: ignore[union-attr]
+        assert offsets == sorted(offsets) and offsets[-1] <= len(legacy_text)
         legacy = text.choices[0].logprobs
         assert (
             legacy is not None
@@ -184,3 +197,9 @@ def test_a_session_may_ask_for_more_than_the_default_reply(settings_kwargs: dict
         too_many = web.post("/set_generation_params", json={"max_new_tokens": 512})
         assert too_many.status_code == 400 and too_many.json()["field"] == "max_new_tokens"
         assert web.post("/chat_stream", json={"user_input": "hi"}).status_code == 200
+        # All the context: the prompt still fits (room for the default reply is kept), and
+        # the reply is cut to what the prompt leaves; turns go on.
+        most = web.post("/set_generation_params", json={"max_new_tokens": 511})
+        assert most.status_code == 200
+        for _ in range(2):
+            assert web.post("/chat_stream", json={"user_input": "hi again"}).status_code == 200

@@ -162,6 +162,8 @@ def test_refusals_name_the_field(settings_kwargs: dict[str, Any]) -> None:
             ({"background": True}, "background"),
             ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
             ({"include": ["reasoning.encrypted_content"]}, "include"),
+            ({"max_output_tokens": 100000}, "max_output_tokens"),
+            ({"reasoning": {"effort": "high"}}, "reasoning.effort"),  # the model does not think
         ):
             with pytest.raises(openai.BadRequestError) as refused:
                 client.responses.create(model="tiny", input="hi", extra_body=extra)

@@ -143,6 +143,14 @@ class MessagesRequest(_Block):
                 else "".join(b.text for b in self.system)
             )
             messages.append({"role": "system", "content": text})
+        last = len(self.messages) - 1
+        if self.messages[last].role == "assistant":
+            field = f"messages.{last}"
+            raise InvalidRequestError(
+                f"{field}: prefilling the assistant's reply is not supported; end with a user "
+                "message",
+                field=field,
+            )
         called: set[str] = set()
         for i, message in enumerate(self.messages):
             messages += _translate(i, message, called)

@@ -15,16 +15,24 @@ from starlette.responses import JSONResponse, Response
 
 from llamastream.api.access import require
 from llamastream.api.anthropic.framing import AnthropicFraming
-from llamastream.api.anthropic.models import CountTokensRequest, MessagesRequest
+from llamastream.api.anthropic.models import CountTokensRequest, MessagesRequest, ThinkingEnabled
 from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
-from llamastream.api.errors import AnthropicRoute, invalid_from_validation
+from llamastream.api.errors import AnthropicRoute, invalid_from_validation, renamed, renaming
 from llamastream.api.openai.models import ChatCompletionRequest
-from llamastream.api.openai.routes import prepare_chat
+from llamastream.api.openai.routes import OTHER_V1_ROUTES, prepare_chat
 from llamastream.api.openapi import ANTHROPIC_ERROR_SCHEMA, error_responses, model_body
 from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
+
+# The translated chat request's fields, as Anthropic's clients name them.
+_FIELDS = [
+    (r"tools\.(\d+)\.function\.parameters", r"tools.\1.input_schema"),
+    (r"tools\.(\d+)\.function\.", r"tools.\1."),
+    (r"messages(\.\d+)?", "messages"),  # (system and tool results shift the indices)
+    ("reasoning_budget", "thinking.budget_tokens"),
+]
 
 router = APIRouter(prefix="/v1", route_class=AnthropicRoute, dependencies=[Depends(require("v1"))])
 
@@ -58,17 +66,20 @@ _SSE_EVENT = {
 async def messages(request: Request, service: ServiceDep) -> Response:
     """Anthropic's Messages: text, tool use and thinking blocks, streamed as its events."""
     req = await _request(request, service, MessagesRequest)
+    thinks = isinstance(req.thinking, ThinkingEnabled) and req.thinking.budget_tokens > 0
     chat = _chat(req)
-    text, tool_use, thinking = prepare_chat(service, chat)
-    tokens = await service.tokenize(text)
-    params = chat.sampling(
-        service.default_params(),
-        n_prompt=len(tokens),
-        n_ctx=service.settings.n_ctx,
-        limit=service.settings.reply_limit(),
-        n_vocab=service.pool.n_vocab,
-        tool_use=tool_use,
-    )
+    with renaming(_FIELDS):
+        wants = "thinking" if thinks else None
+        text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
+        tokens = await service.tokenize(text)
+        params = chat.sampling(
+            service.default_params(),
+            n_prompt=len(tokens),
+            n_ctx=service.settings.n_ctx,
+            limit=service.settings.reply_limit(),
+            n_vocab=service.pool.n_vocab,
+            tool_use=tool_use,
+        )
     params = params.updated(stop=tuple(req.stop_sequences or ()) or None)
     if thinking is not None:
         params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
@@ -114,7 +125,9 @@ async def messages(request: Request, service: ServiceDep) -> Response:
 async def count_tokens(request: Request, service: ServiceDep) -> Response:
     """The prompt tokens a Messages request with these messages, system and tools reads."""
     req = await _request(request, service, CountTokensRequest)
-    text, _, _ = prepare_chat(service, _chat(req.as_messages()))
+    chat = _chat(req.as_messages())
+    with renaming(_FIELDS):
+        text, _, _ = prepare_chat(service, chat)
     tokens = await service.tokenize(text)
     return JSONResponse({"input_tokens": len(tokens)})
 
@@ -134,8 +147,11 @@ async def _request(
 
 
 def _chat(req: MessagesRequest) -> ChatCompletionRequest:
+    """The chat request (its own 400s name Anthropic's fields already)."""
     try:
-        chat = req.chat_request()
+        return req.chat_request()
     except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
-    return chat
+        raise renamed(invalid_from_validation(exc), _FIELDS) from None
+
+
+OTHER_V1_ROUTES.extend(router.routes)

@@ -35,8 +35,12 @@ class OllamaFraming:
         stream: bool,
         tools: ToolCallParser | None = None,
         reasoning: ReasoningSplitter | None = None,
+        show_thinking: bool = True,
+        apart: bool = True,
     ) -> None:
         self.kind = kind
+        self.show_thinking = show_thinking  # false: the reasoning parts are left out
+        self.apart = apart  # false: the reasoning stays in the text, tags and all
         self.model = model
         self.streaming = stream
         self.tools = tools
@@ -49,8 +53,9 @@ class OllamaFraming:
         return 200, [(b"content-type", media), (b"cache-control", b"no-store")]
 
     def piece(self, run: Run, text: str, index: int = 0) -> bytes:
-        parts = self.reasoning.feed(text) if self.reasoning else [("content", text)]
-        return b"".join(self._part(kind, part) for kind, part in parts)
+        if self.reasoning is None or (not self.apart and self.show_thinking):
+            return self._part("content", text)
+        return b"".join(self._part(kind, part) for kind, part in self.reasoning.feed(text))
 
     def tail(self, run: Run) -> bytes:
         finished = run.finished
@@ -58,7 +63,7 @@ class OllamaFraming:
         if not self.streaming:
             return json.dumps(self._whole(run, cut), ensure_ascii=False).encode()
         out = b""
-        if self.reasoning is not None:
+        if self.reasoning is not None and (self.apart or not self.show_thinking):
             out += b"".join(self._part(kind, part) for kind, part in self.reasoning.finish())
         if self.tools is not None:
             for piece in self.tools.finish(cut=cut):
@@ -77,6 +82,10 @@ class OllamaFraming:
         if not text:
             return b""
         if kind == "reasoning":
+            if not self.show_thinking:
+                return b""
+            if not self.apart:
+                return self._part("content", text)
             return self._chunk({"thinking": text})
         if self.tools is None:
             return self._chunk({"content": text})
@@ -127,8 +136,10 @@ class OllamaFraming:
 
     def _whole(self, run: Run, cut: bool) -> dict[str, Any]:
         answer, thought = run.reply, ""
-        if self.reasoning is not None:
+        if self.reasoning is not None and (self.apart or not self.show_thinking):
             thought, answer = self.reasoning.split(answer)
+            if not self.show_thinking:
+                thought = ""
         calls: list[ToolCall] = []
         if self.tools is not None:
             answer, calls = self.tools.parse(answer, cut=cut)

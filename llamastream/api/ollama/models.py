@@ -32,7 +32,7 @@ class Options(_Strict):
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
     num_predict: StrictInt | None = None  # -1: as long as the context allows
-    stop: list[StrictStr] | None = None
+    stop: Annotated[list[StrictStr], Field(max_length=16)] | None = None
     num_ctx: StrictInt | None = None  # at most the server's n_ctx (the context is fixed)
 
 
@@ -99,7 +99,6 @@ class _Generating(_Strict):
             "model": self.model,
             "messages": messages,
             "stream": self.stream,
-            "temperature": None if o.temperature is None else min(o.temperature, 2.0),
             "top_p": o.top_p,
             "top_k": o.top_k,
             "min_p": o.min_p,
@@ -110,8 +109,6 @@ class _Generating(_Strict):
         }
         if o.num_predict is not None and o.num_predict > 0:
             body["max_tokens"] = o.num_predict
-        if o.stop:
-            body["stop"] = o.stop[:4]
         if self.format == "json":
             body["response_format"] = {"type": "json_object"}
         elif isinstance(self.format, dict):
@@ -126,6 +123,12 @@ class _Generating(_Strict):
             elif self.think is not True:
                 body["reasoning_budget"] = THINK_BUDGET[self.think]
         return {k: v for k, v in body.items() if v is not None}
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """What the options set beyond a chat request's ranges (temperature up to 5, up to
+        16 stop strings): applied to the sampling parameters directly."""
+        o = self.options or Options()
+        return {"temperature": o.temperature, "stop": tuple(o.stop) if o.stop else None}
 
     @property
     def unlimited(self) -> bool:
@@ -204,10 +207,30 @@ class EmbedRequest(_Strict):
 
     model: StrictStr
     input: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
-    truncate: Literal[False] | None = None  # over-long inputs are refused, never cut
+    truncate: StrictBool | None = None  # true (cut over-long inputs) is refused
     dimensions: StrictInt | None = None
-    options: Options | None = None
     keep_alive: KeepAlive | None = None
+
+    def check(self, max_inputs: int, max_chars: int) -> list[str]:
+        """The inputs; 400s naming the field."""
+        if self.truncate:
+            raise InvalidRequestError(
+                "truncate: over-long inputs are refused here, never cut; send false",
+                field="truncate",
+            )
+        if self.keep_alive is not None and _seconds(self.keep_alive) == 0:
+            raise InvalidRequestError(
+                "keep_alive: this server keeps its model loaded; 0 (unload now) is refused",
+                field="keep_alive",
+            )
+        inputs = [self.input] if isinstance(self.input, str) else list(self.input)
+        if len(inputs) > max_inputs:
+            raise InvalidRequestError(f"input: at most {max_inputs} inputs", field="input")
+        for i, text in enumerate(inputs):
+            if len(text) > max_chars:
+                field = f"input.{i}" if len(inputs) > 1 else "input"
+                raise InvalidRequestError(f"{field}: at most {max_chars} characters", field=field)
+        return inputs
 
 
 class ShowRequest(_Strict):

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from llamastream.api.access import require
 from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
-from llamastream.api.errors import OllamaRoute, invalid_from_validation, unmatched
+from llamastream.api.errors import OllamaRoute, invalid_from_validation, renamed, unmatched
 from llamastream.api.ollama.framing import Kind, OllamaFraming, now
 from llamastream.api.ollama.models import (
     ChatRequest,
@@ -42,6 +42,23 @@ _FILE_TYPES = {
 }  # fmt: skip
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _OBJECT = {"type": "object"}
+_STREAMED: dict[int | str, Any] = {
+    200: {
+        "description": "NDJSON chunks (`done: false`, then one `done: true`), or with "
+        "`stream: false` one object.",
+        "content": {
+            "application/x-ndjson": {"schema": _OBJECT},
+            "application/json": {"schema": _OBJECT},
+        },
+    }
+}
+
+# The translated chat request's fields, as Ollama's clients name them.
+_FIELDS = [
+    ("max_tokens", "options.num_predict"),
+    ("response_format", "format"),
+    ("(top_p|top_k|min_p|repeat_penalty|presence_penalty|frequency_penalty|seed)", r"options.\1"),
+]
 
 RequestT = TypeVar("RequestT", ChatRequest, GenerateRequest, EmbedRequest, ShowRequest)
 
@@ -111,7 +128,7 @@ async def show(request: Request, service: ServiceDep) -> Response:
 @_routes.post(
     "/chat",
     openapi_extra=model_body(ChatRequest),
-    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 413, 429, 503)},
+    responses={**_STREAMED, **_errors(400, 401, 403, 404, 413, 429, 503)},
 )
 async def chat(request: Request, service: ServiceDep) -> Response:
     """Chat, streamed as NDJSON unless ``stream: false``."""
@@ -121,14 +138,14 @@ async def chat(request: Request, service: ServiceDep) -> Response:
     try:
         body = req.chat_request(service.settings.n_ctx)
     except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
+        raise renamed(invalid_from_validation(exc), _FIELDS) from None
     return await _run(request, service, req, "chat", body, None)
 
 
 @_routes.post(
     "/generate",
     openapi_extra=model_body(GenerateRequest),
-    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 413, 429, 503)},
+    responses={**_STREAMED, **_errors(400, 401, 403, 404, 413, 429, 503)},
 )
 async def generate(request: Request, service: ServiceDep) -> Response:
     """A completion of ``prompt`` (through the chat template unless ``raw``)."""
@@ -140,7 +157,7 @@ async def generate(request: Request, service: ServiceDep) -> Response:
     try:
         body = ChatCompletionRequest.model_validate(req.chat_body(messages, service.settings.n_ctx))
     except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
+        raise renamed(invalid_from_validation(exc), _FIELDS) from None
     return await _run(request, service, req, "generate", body, req.prompt if req.raw else None)
 
 
@@ -161,12 +178,15 @@ async def embed(request: Request, service: ServiceDep) -> Response:
             "embeddings_from_chat_model)",
             field="model",
         )
-    name = _model_name(service, req.model, embeddings=True)
-    inputs: list[str | list[int]] = [req.input] if isinstance(req.input, str) else [*req.input]
-    if len(inputs) > service.settings.embedding_max_inputs:
-        raise InvalidRequestError(
-            f"input: at most {service.settings.embedding_max_inputs} inputs", field="input"
+    served = service.embedding_model_id or ""
+    if req.model.removesuffix(":latest") != served:
+        raise ModelNotFoundError(
+            f"model {req.model!r} gives no embeddings here; {served!r} does", field="model"
         )
+    name = req.model
+    settings = service.settings
+    texts = req.check(settings.embedding_max_inputs, settings.max_input_chars)
+    inputs: list[str | list[int]] = [*texts]
     if req.dimensions is not None and req.dimensions != embedder.n_embd:
         raise InvalidRequestError(
             f"dimensions: the model gives {embedder.n_embd} and cannot shorten them",
@@ -201,31 +221,46 @@ async def _run(
     chat: ChatCompletionRequest,
     raw: str | None,
 ) -> Response:
-    text, tool_use, thinking = prepare_chat(service, chat)
+    try:
+        text, tool_use, thinking = prepare_chat(service, chat)
+    except InvalidRequestError as exc:
+        raise renamed(exc, _FIELDS) from None
+    if req.think not in (None, False) and thinking is None:
+        raise InvalidRequestError(
+            f"think: {req.model!r} does not think (its template writes no reasoning)",
+            field="think",
+        )
     if raw is not None:
         text, thinking = raw, None
     tokens = await service.tokenize(text)
     limit = service.settings.reply_limit()
-    params = chat.sampling(
-        service.default_params(),
-        n_prompt=len(tokens),
-        n_ctx=service.settings.n_ctx,
-        limit=limit,
-        n_vocab=service.pool.n_vocab,
-        tool_use=tool_use,
-    )
+    try:
+        params = chat.sampling(
+            service.default_params(),
+            n_prompt=len(tokens),
+            n_ctx=service.settings.n_ctx,
+            limit=limit,
+            n_vocab=service.pool.n_vocab,
+            tool_use=tool_use,
+        )
+    except InvalidRequestError as exc:
+        raise renamed(exc, _FIELDS) from None
+    params = params.updated(**req.sampling_overrides())
     if req.unlimited:  # num_predict -1: as long as the context allows
         params = params.updated(max_new_tokens=min(limit, service.settings.n_ctx - len(tokens)))
     if thinking is not None:
         params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
     ticket = service.admit(tokens)
-    split = req.think is not False and service.settings.reasoning_format == "auto"
     framing = OllamaFraming(
         kind,
         req.model,
         stream=req.stream,
         tools=tool_use.format.parser() if tool_use is not None else None,
-        reasoning=thinking.splitter() if thinking is not None and split else None,
+        reasoning=thinking.splitter() if thinking is not None else None,
+        # think false: no thinking (the closing tag written for the model is no part of it);
+        # reasoning_format none: the reasoning stays in the reply's text
+        show_thinking=req.think is not False,
+        apart=service.settings.reasoning_format == "auto",
     )
     key = chat.conversation_key() if kind == "chat" else None
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=key)

@@ -3,6 +3,7 @@ body, and its error envelope (before the stream and within it)."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class _Choice:
         self.role_sent = False
         self.sent = 0  # log probabilities sent so far
         self.offset = 0  # characters of text sent so far (text completions' offsets)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.counted = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 class OpenAIFraming:
@@ -161,8 +164,9 @@ class OpenAIFraming:
             choice = {"index": c.index, "text": text or "", "logprobs": None}
             choice["finish_reason"] = reason
             if self.logprobs:
-                choice["logprobs"] = _text_logprobs(self._new_logprobs(run, c), c.offset)
-                c.offset += len(text or "")
+                new = self._new_logprobs(run, c)
+                choice["logprobs"] = _text_logprobs(new, c.offset, c.decoder)
+                c.offset += sum(len(c.counted.decode(t.piece)) for t in new)
         return {**self._envelope(run), "choices": [choice]}
 
     def _choice(
@@ -214,7 +218,8 @@ class OpenAIFraming:
             choice: dict[str, Any] = {"index": c.index, "text": reply, "logprobs": None}
             choice["finish_reason"] = reason
             if self.logprobs:
-                choice["logprobs"] = _text_logprobs(candidate.logprobs, 0)
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                choice["logprobs"] = _text_logprobs(candidate.logprobs, 0, decoder)
             return choice
         message: dict[str, Any] = {"role": "assistant", "content": reply}
         if c.reasoning is not None:
@@ -282,12 +287,16 @@ def _chat_logprobs(tokens: list[TokenLogprob]) -> list[dict[str, Any]]:
     ]
 
 
-def _text_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """Text completions' legacy ``logprobs`` (tokens, their logprobs, the top ones, offsets)."""
+def _text_logprobs(
+    tokens: list[TokenLogprob], offset: int, decoder: codecs.IncrementalDecoder
+) -> dict[str, Any]:
+    """Text completions' legacy ``logprobs`` (tokens, their logprobs, the top ones, and each
+    token's offset in the text, counted through ``decoder``: a character split over tokens
+    counts once, where it ends)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
-        offset += len(t.piece.decode("utf-8", errors="ignore"))
+        offset += len(decoder.decode(t.piece))
     return {
         "tokens": [_token_text(t.piece) for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],

@@ -324,7 +324,7 @@ class ResponsesFraming:
                 out += self._reasoning(part) if kind == "reasoning" else self._answer(part)
         if self.tools is not None:
             out += self._pieces(self.tools.finish(cut=cut))
-        out += self._close()
+        out += self._close("incomplete" if cut else "completed")
         response = self._response(run, self._output)
         last = "response.incomplete" if cut else "response.completed"
         return out + self._event(last, {"response": response})
@@ -369,7 +369,7 @@ class ResponsesFraming:
             },
             "store": False,
             "temperature": req.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self._format()},
             "tool_choice": req.tool_choice.model_dump()
             if isinstance(req.tool_choice, NamedFunction)
             else (req.tool_choice or "auto"),
@@ -388,6 +388,12 @@ class ResponsesFraming:
                 "total_tokens": len(run.tokens) + completion,
             },
         }
+
+    def _format(self) -> dict[str, Any]:
+        fmt = self.request.text.format if self.request.text else None
+        if fmt is None:
+            return {"type": "text"}
+        return fmt.model_dump(by_alias=True, exclude_none=True)
 
     def _whole_output(self, run: Run, cut: bool) -> list[dict[str, Any]]:
         output: list[dict[str, Any]] = []
@@ -497,7 +503,7 @@ class ResponsesFraming:
             "response.output_item.added", {"output_index": len(self._output), "item": shown}
         )
 
-    def _close(self) -> bytes:
+    def _close(self, status: str = "completed") -> bytes:
         item = self._open
         if item is None:
             return b""
@@ -520,7 +526,7 @@ class ResponsesFraming:
             )
             out += self._event(kind, {**self._where(), "text": part["text"]})
             out += self._event("response.content_part.done", self._part_of(item, part))
-        item["status"] = "completed"
+        item["status"] = status
         out += self._event(
             "response.output_item.done", {"output_index": len(self._output), "item": item}
         )

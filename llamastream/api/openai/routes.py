@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 
 from llamastream.api.access import require
 from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
-from llamastream.api.errors import OpenAIRoute, invalid_from_validation, unmatched
+from llamastream.api.errors import OpenAIRoute, renaming, unmatched
 from llamastream.api.openai.framing import Kind, OpenAIFraming
 from llamastream.api.openai.models import (
     ChatCompletionRequest,
@@ -30,13 +30,24 @@ from llamastream.api.openai.responses import ResponsesFraming, ResponsesRequest
 from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_body
 from llamastream.chat.reasoning import Thinking
 from llamastream.engine.sampling import SamplingParams
-from llamastream.errors import InvalidRequestError, ModelNotFoundError
+from llamastream.errors import InvalidRequestError, ModelNotFoundError, RouteNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
+
+# The translated chat request's fields, as Responses clients name them.
+_RESPONSES_FIELDS = [
+    ("max_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+    (r"tools\.(\d+)\.function\.", r"tools.\1."),
+    (r"messages(\.\d+)?", "input"),  # (the indices of items and messages differ)
+]
 
 RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 router = APIRouter(prefix="/v1", route_class=OpenAIRoute)
+# Routes of other families under /v1 (Anthropic's), with their full paths: the catch-all
+# answers 405, not 404, for a method they do not serve.
+OTHER_V1_ROUTES: list[BaseRoute] = []
 _routes = APIRouter(dependencies=[Depends(require("v1"))], route_class=OpenAIRoute)
 
 _MODELS = {
@@ -243,20 +254,20 @@ def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
 async def responses(request: Request, service: ServiceDep) -> Response:
     """OpenAI's Responses API, stateless: ``input`` items in, output items back."""
     req = await _request(request, service, ResponsesRequest)
-    try:
+    effort = req.reasoning.effort if req.reasoning else None
+    with renaming(_RESPONSES_FIELDS):
         chat = req.chat_request()
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
-    text, tool_use, thinking = prepare_chat(service, chat)
-    tokens = await service.tokenize(text)
-    params = chat.sampling(
-        service.default_params(),
-        n_prompt=len(tokens),
-        n_ctx=service.settings.n_ctx,
-        limit=service.settings.reply_limit(),
-        n_vocab=service.pool.n_vocab,
-        tool_use=tool_use,
-    )
+        wants = "reasoning.effort" if effort not in (None, "none", "minimal") else None
+        text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
+        tokens = await service.tokenize(text)
+        params = chat.sampling(
+            service.default_params(),
+            n_prompt=len(tokens),
+            n_ctx=service.settings.n_ctx,
+            limit=service.settings.reply_limit(),
+            n_vocab=service.pool.n_vocab,
+            tool_use=tool_use,
+        )
     if thinking is not None:
         params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
     ticket = service.admit(tokens)
@@ -280,15 +291,25 @@ async def responses(request: Request, service: ServiceDep) -> Response:
 
 
 def prepare_chat(
-    service: Service, req: ChatCompletionRequest
+    service: Service, req: ChatCompletionRequest, *, wants_thinking: str | None = None
 ) -> tuple[str, ToolUse | None, Thinking | None]:
     """A chat request's prompt text (the model's template, the server's system prompt, the
-    tools offered), its tool use, and how the model thinks in its reply."""
+    tools offered), its tool use, and how the model thinks in its reply; a request that asks
+    for thinking (in its field ``wants_thinking``) from a model that does not think: 400."""
     req.check_lengths(service.settings.max_input_chars)
     pool = service.pool
     tool_use = req.tool_use(pool.template)
     text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
-    return text, tool_use, service.thinking(text, req.reasoning_budget)
+    thinking = service.thinking(text, req.reasoning_budget)
+    if wants_thinking is None and req.reasoning_budget is not None and req.reasoning_budget > 0:
+        wants_thinking = "reasoning_budget"
+    if wants_thinking is not None and thinking is None:
+        raise InvalidRequestError(
+            f"{wants_thinking}: the model {service.model_id!r} does not think (its template "
+            "writes no reasoning)",
+            field=wants_thinking,
+        )
+    return text, tool_use, thinking
 
 
 async def _request(request: Request, service: Service, model: type[RequestT]) -> RequestT:
@@ -386,6 +407,11 @@ router.include_router(_routes)
     include_in_schema=False,
 )
 async def unknown(request: Request) -> Response:
-    """Unknown paths and methods under /v1: 404 or 405, in OpenAI's envelope."""
+    """Unknown paths and methods under /v1: 404 or 405 (with the methods the other /v1
+    families serve there too), in OpenAI's envelope."""
     path = "/" + request.path_params["path"]
-    raise unmatched(path, request.method, _routes.routes, full_path=request.url.path)
+    full = request.url.path
+    error = unmatched(path, request.method, _routes.routes, full_path=full)
+    if isinstance(error, RouteNotFoundError) and OTHER_V1_ROUTES:
+        error = unmatched(full, request.method, OTHER_V1_ROUTES, full_path=full)
+    raise error
