@@ -11,6 +11,7 @@ from typing import Any
 from starlette.responses import Response
 
 from llamastream.api.errors import ANTHROPIC
+from llamastream.api.openai.framing import sse_or_json_head
 from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCall, ToolCallParser
 from llamastream.errors import LlamaStreamError
@@ -38,12 +39,7 @@ class AnthropicFraming:
         self._index = -1
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
-        media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
-        return 200, [
-            (b"content-type", media),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),
-        ]
+        return sse_or_json_head(self.streaming)
 
     def piece(self, run: Run, text: str, index: int = 0) -> bytes:
         out = self._start(run)

@@ -20,7 +20,7 @@ from llamastream.api.body import parse_body
 from llamastream.api.deps import ServiceDep
 from llamastream.api.errors import AnthropicRoute, invalid_from_validation, renamed, renaming
 from llamastream.api.openai.models import ChatCompletionRequest
-from llamastream.api.openai.routes import OTHER_V1_ROUTES, prepare_chat
+from llamastream.api.openai.routes import OTHER_V1_ROUTES, prepare_chat, sampling_for
 from llamastream.api.openapi import ANTHROPIC_ERROR_SCHEMA, error_responses, model_body
 from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
@@ -72,17 +72,8 @@ async def messages(request: Request, service: ServiceDep) -> Response:
         wants = "thinking" if thinks else None
         text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
         tokens = await service.tokenize(text)
-        params = chat.sampling(
-            service.default_params(),
-            n_prompt=len(tokens),
-            n_ctx=service.settings.n_ctx,
-            limit=service.settings.reply_limit(),
-            n_vocab=service.pool.n_vocab,
-            tool_use=tool_use,
-        )
+        params = sampling_for(service, chat, tokens, tool_use, thinking)
     params = params.updated(stop=tuple(req.stop_sequences or ()) or None)
-    if thinking is not None:
-        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
     ticket = service.admit(tokens)
     split = service.settings.reasoning_format == "auto"
     framing = AnthropicFraming(

@@ -26,7 +26,7 @@ from llamastream.api.ollama.models import (
     _Generating,
 )
 from llamastream.api.openai.models import ChatCompletionRequest
-from llamastream.api.openai.routes import prepare_chat
+from llamastream.api.openai.routes import prepare_chat, sampling_for
 from llamastream.api.openapi import error_responses, json_ok, model_body
 from llamastream.errors import InvalidRequestError, ModelNotFoundError
 from llamastream.service import Service
@@ -235,21 +235,12 @@ async def _run(
     tokens = await service.tokenize(text)
     limit = service.settings.reply_limit()
     try:
-        params = chat.sampling(
-            service.default_params(),
-            n_prompt=len(tokens),
-            n_ctx=service.settings.n_ctx,
-            limit=limit,
-            n_vocab=service.pool.n_vocab,
-            tool_use=tool_use,
-        )
+        params = sampling_for(service, chat, tokens, tool_use, thinking)
     except InvalidRequestError as exc:
         raise renamed(exc, _FIELDS) from None
     params = params.updated(**req.sampling_overrides())
     if req.unlimited:  # num_predict -1: as long as the context allows
         params = params.updated(max_new_tokens=min(limit, service.settings.n_ctx - len(tokens)))
-    if thinking is not None:
-        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
     ticket = service.admit(tokens)
     framing = OllamaFraming(
         kind,

@@ -22,6 +22,16 @@ from llamastream.streaming import Run
 Kind = Literal["chat", "text"]
 
 
+def sse_or_json_head(streaming: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """Status and headers of an answer streamed as server-sent events, or one JSON body."""
+    media = b"text/event-stream; charset=utf-8" if streaming else b"application/json"
+    return 200, [
+        (b"content-type", media),
+        (b"cache-control", b"no-store"),
+        (b"x-accel-buffering", b"no"),
+    ]
+
+
 class _Choice:
     """What the framing keeps of one choice (candidate) while it streams."""
 
@@ -71,12 +81,7 @@ class OpenAIFraming:
         ]
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
-        media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
-        return 200, [
-            (b"content-type", media),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),
-        ]
+        return sse_or_json_head(self.streaming)
 
     def piece(self, run: Run, text: str, index: int = 0) -> bytes:
         c = self.choices[index]

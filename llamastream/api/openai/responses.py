@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 from starlette.responses import Response
 
 from llamastream.api.errors import OPENAI
+from llamastream.api.openai.framing import sse_or_json_head
 from llamastream.api.openai.models import ChatCompletionRequest
 from llamastream.chat.reasoning import ReasoningSplitter
 from llamastream.chat.tools import Pieces, ToolCall, ToolCallParser
@@ -297,12 +298,7 @@ class ResponsesFraming:
         self._output: list[dict[str, Any]] = []  # finished output items
 
     def head(self, run: Run) -> tuple[int, list[tuple[bytes, bytes]]]:
-        media = b"text/event-stream; charset=utf-8" if self.streaming else b"application/json"
-        return 200, [
-            (b"content-type", media),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),
-        ]
+        return sse_or_json_head(self.streaming)
 
     def piece(self, run: Run, text: str, index: int = 0) -> bytes:
         out = self._start(run)

@@ -260,16 +260,7 @@ async def responses(request: Request, service: ServiceDep) -> Response:
         wants = "reasoning.effort" if effort not in (None, "none", "minimal") else None
         text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
         tokens = await service.tokenize(text)
-        params = chat.sampling(
-            service.default_params(),
-            n_prompt=len(tokens),
-            n_ctx=service.settings.n_ctx,
-            limit=service.settings.reply_limit(),
-            n_vocab=service.pool.n_vocab,
-            tool_use=tool_use,
-        )
-    if thinking is not None:
-        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
+        params = sampling_for(service, chat, tokens, tool_use, thinking)
     ticket = service.admit(tokens)
     split = service.settings.reasoning_format == "auto"
     framing = ResponsesFraming(
@@ -288,6 +279,28 @@ async def responses(request: Request, service: ServiceDep) -> Response:
         cache_key=chat.conversation_key(),
     )
     return service.respond(run)
+
+
+def sampling_for(
+    service: Service,
+    req: ChatCompletionRequest | CompletionRequest,
+    tokens: list[int],
+    tool_use: ToolUse | None = None,
+    thinking: Thinking | None = None,
+) -> SamplingParams:
+    """The sampling parameters of a request whose prompt is ``tokens``: the server's
+    defaults, the request's own, its tools' grammar, and the model's reasoning budget."""
+    params = req.sampling(
+        service.default_params(),
+        n_prompt=len(tokens),
+        n_ctx=service.settings.n_ctx,
+        limit=service.settings.reply_limit(),
+        n_vocab=service.pool.n_vocab,
+        tool_use=tool_use,
+    )
+    if thinking is not None:
+        params = params.updated(reasoning=thinking.budget, special_tokens=thinking.special or None)
+    return params
 
 
 def prepare_chat(
@@ -349,18 +362,7 @@ async def _complete(
                 f"{service.pool.n_vocab - 1})",
                 field=field,
             )
-        params = req.sampling(
-            service.default_params(),
-            n_prompt=len(tokens),
-            n_ctx=service.settings.n_ctx,
-            limit=service.settings.reply_limit(),
-            n_vocab=service.pool.n_vocab,
-            tool_use=tool_use,
-        )
-        if thinking is not None:
-            params = params.updated(
-                reasoning=thinking.budget, special_tokens=thinking.special or None
-            )
+        params = sampling_for(service, req, tokens, tool_use, thinking)
         for k in range(req.n):  # each candidate its own seed (a fixed one: seed, seed + 1...)
             seed = None if params.seed is None else (params.seed + k) % 2**32
             candidates.append((tokens, params.updated(seed=seed)))
