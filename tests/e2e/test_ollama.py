@@ -164,9 +164,11 @@ def test_errors_in_ollamas_envelope(settings_kwargs: dict[str, Any]) -> None:
         assert unload.value.error.startswith("keep_alive")
         kept = client.generate(model="tiny", prompt="x", keep_alive="10m", options=GREEDY)
         assert kept.done
-        with pytest.raises(ollama.ResponseError) as no_thinking:
-            client.chat(model="tiny", messages=HELLO, think=True)
-        assert no_thinking.value.status_code == 400 and no_thinking.value.error.startswith("think")
+        for think in (True, "low"):
+            with pytest.raises(ollama.ResponseError) as no_thinking:
+                client.chat(model="tiny", messages=HELLO, think=think)
+            assert no_thinking.value.status_code == 400
+            assert no_thinking.value.error.startswith("think:")
         with pytest.raises(ollama.ResponseError) as too_long:
             client.chat(model="tiny", messages=HELLO, options={"num_predict": 100000})
         assert too_long.value.error.startswith("options.num_predict")

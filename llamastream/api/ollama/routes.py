@@ -57,6 +57,7 @@ _STREAMED: dict[int | str, Any] = {
 _FIELDS = [
     ("max_tokens", "options.num_predict"),
     ("response_format", "format"),
+    ("reasoning_budget", "think"),
     ("(top_p|top_k|min_p|repeat_penalty|presence_penalty|frequency_penalty|seed)", r"options.\1"),
 ]
 
