@@ -17,7 +17,7 @@ import pytest
 
 from llamastream import create_app
 from tests import tool_templates
-from tests.conftest import LiveServer, wait_idle, write_tiny_gguf
+from tests.conftest import LiveServer, eventually, wait_idle, write_tiny_gguf
 from tests.e2e.conftest import paused
 from tests.e2e.test_tools import WEATHER_SCHEMA
 
@@ -242,8 +242,7 @@ def test_a_busy_server_answers_429_in_anthropics_envelope(
             )
             holder.start()
             with live.client() as probe:
-                while probe.get("/get_load").json()["processing"] < 1:
-                    pass
+                eventually(lambda: probe.get("/get_load").json()["processing"] >= 1)
             with pytest.raises(anthropic.RateLimitError) as busy:
                 client.messages.create(model="tiny", max_tokens=2, messages=HELLO)
             assert busy.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pexpect
 
+from tests.conftest import eventually
 from tests.e2e.conftest import paused, server
 
 PROMPT = "\r\n> "
@@ -115,8 +116,7 @@ def test_a_busy_server_is_announced(settings_kwargs: dict[str, Any]) -> None:
             )
             holder.start()
             with live.client() as probe:
-                while probe.get("/get_load").json()["processing"] < 1:
-                    pass
+                eventually(lambda: probe.get("/get_load").json()["processing"] >= 1)
             assert "the server is busy (try again in" in say(child, "hello")
         holder.join()
         assert say(child, "hello again").strip()  # a slot is free again: it answers

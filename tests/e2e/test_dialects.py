@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import eventually
 from tests.e2e.conftest import paused, server
 
 CALLS: list[tuple[str, dict[str, Any]]] = [
@@ -67,8 +68,7 @@ def test_a_full_queue_in_each_dialects_shape(settings_kwargs: dict[str, Any]) ->
             )
             holder.start()
             with live.client() as client:
-                while client.get("/get_load").json()["processing"] < 1:
-                    pass
+                eventually(lambda: client.get("/get_load").json()["processing"] >= 1)
                 shapes = {}
                 for path, body in CALLS:
                     busy = client.post(path, json=body)

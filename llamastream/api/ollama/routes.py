@@ -112,7 +112,10 @@ async def show(request: Request, service: ServiceDep) -> Response:
         capabilities.append("thinking")
     if service.embedder is not None:
         capabilities.append("embedding")
-    info = {k: v for k, v in pool.metadata.items() if not k.startswith("tokenizer.ggml.")}
+    # The vocabulary's long lists only with verbose, as Ollama does.
+    info = {
+        k: v for k, v in pool.metadata.items() if req.verbose or not k.startswith("tokenizer.ggml.")
+    }
     return JSONResponse(
         {
             "modelfile": f"FROM {pool.model_path}\n",

@@ -417,6 +417,8 @@ class ChatCompletionRequest(_Common):
             message["tool_call_id"] = m.tool_call_id
         if m.reasoning_content is not None:
             message["reasoning_content"] = defuse(m.reasoning_content)
+        if m.name is not None:  # the participant's name, for templates that write it
+            message["name"] = m.name
         return message
 
     def conversation_key(self) -> str | None:

@@ -31,8 +31,9 @@ class _Strict(BaseModel):
 class InputText(_Strict):
     type: Literal["input_text", "output_text"]
     text: StrictStr
-    annotations: list[Any] | None = None  # echoed back by clients: only empty
-    logprobs: list[Any] | None = None
+    # Echoed back by clients; this server writes none, so only empty ones are taken.
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = None
+    logprobs: Annotated[list[Any], Field(max_length=0)] | None = None
 
 
 class MessageItem(_Strict):
@@ -78,7 +79,7 @@ class ReasoningText(_Strict):
 class ReasoningItem(_Strict):
     type: Literal["reasoning"]
     id: StrictStr | None = None
-    summary: list[ReasoningText] = []
+    summary: Annotated[list[ReasoningText], Field(max_length=0)] = []  # none written here
     content: list[ReasoningText] | None = None
     encrypted_content: None = None
     status: StrictStr | None = None
@@ -104,8 +105,7 @@ class TextFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: StrictStr | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
-    description: StrictStr | None = None
-    strict: StrictBool | None = None
+    strict: StrictBool | None = None  # the schema is always held by a grammar
 
 
 class TextConfig(_Strict):
