@@ -412,7 +412,7 @@ class Runner:
             for index, event in events:
                 if isinstance(event, TextChunk) and event.text:
                     texts[index] = texts.get(index, "") + event.text
-            if texts and framing.streaming and run.error is None:
+            if texts and framing.streaming:
                 if not run.started:
                     await send(_start(framing.head(run)))
                 body = b"".join(framing.piece(run, text, i) for i, text in texts.items())
