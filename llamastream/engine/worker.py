@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
+MIN_LOGPROB = -9999.0  # the log probability given to a token that cannot be sampled
 PENALTY_LAST_N = 64  # generated tokens the repetition penalties look back on
 # Borrowing another sequence's cache for a shared prompt prefix copies the donor's whole
 # sequence out and in: worth it from this many shared tokens, and while the donor holds at
@@ -650,6 +651,9 @@ class Worker:
         logits = self._logits(slot).astype(np.float64)
         peak = logits.max()
         logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        # A banned token (a -100 logit bias) has no probability: OpenAI's -9999, never -inf
+        # (which JSON cannot carry).
+        logprobs = np.maximum(logprobs, MIN_LOGPROB)
         best: list[tuple[int, bytes, float]] = []
         if top > 0:
             ids = np.argpartition(-logprobs, top)[:top]
