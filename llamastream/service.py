@@ -22,7 +22,7 @@ from llamastream.engine.embeddings import Embedder
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import SlotController, Ticket
-from llamastream.errors import NotReadyError
+from llamastream.errors import ModelNotFoundError, NotReadyError
 from llamastream.metrics import Metrics
 from llamastream.sessions.locks import TurnLocks
 from llamastream.streaming import Callback, Run, Runner, WatchedStreamResponse
@@ -163,6 +163,18 @@ class Service:
     def model_names(self) -> set[str]:
         """The names a request may give the model by: its id and its aliases."""
         return {self.model_id, *self.settings.model_aliases}
+
+    def embeddings(self) -> tuple[Embedder, str]:
+        """The embedder and the id it serves under; 404 naming ``model`` when this server
+        serves no embeddings."""
+        embedder, served = self.embedder, self.embedding_model_id
+        if embedder is None or served is None:
+            raise ModelNotFoundError(
+                "this server serves no embeddings (settings embedding_model_path or "
+                "embeddings_from_chat_model)",
+                field="model",
+            )
+        return embedder, served
 
     @property
     def embedding_model_id(self) -> str | None:

@@ -87,6 +87,15 @@ class Embedder:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._unload)
         self._executor.shutdown(wait=True)
 
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """400 naming ``dimensions`` unless it is the model's own (vectors are not cut)."""
+        if dimensions is not None and dimensions != self.n_embd:
+            raise InvalidRequestError(
+                f"dimensions: {self.model_path.stem} gives vectors of {self.n_embd} dimensions "
+                "and cannot shorten them",
+                field="dimensions",
+            )
+
     async def embed(self, inputs: list[str | list[int]]) -> Embedded:
         """Unit vectors of ``inputs``; `InputTooLongError` naming the input that does not fit."""
         if self._ctx is None:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from starlette.responses import Response
@@ -33,7 +32,6 @@ class AnthropicFraming:
         self.streaming = stream
         self.tools = tools
         self.reasoning = reasoning
-        self.created = int(time.time())
         self._started = False
         self._block: str | None = None  # the kind of the open content block
         self._index = -1

@@ -81,11 +81,7 @@ class _Generating(_Strict):
     keep_alive: KeepAlive | None = None
 
     def check_keep_alive(self) -> None:
-        if self.keep_alive is not None and _seconds(self.keep_alive) == 0:
-            raise InvalidRequestError(
-                "keep_alive: this server keeps its model loaded; 0 (unload now) is refused",
-                field="keep_alive",
-            )
+        _check_keep_alive(self.keep_alive)
 
     def chat_body(self, messages: list[dict[str, Any]], n_ctx: int) -> dict[str, Any]:
         """The fields a chat-completions request takes from these options."""
@@ -218,11 +214,7 @@ class EmbedRequest(_Strict):
                 "truncate: over-long inputs are refused here, never cut; send false",
                 field="truncate",
             )
-        if self.keep_alive is not None and _seconds(self.keep_alive) == 0:
-            raise InvalidRequestError(
-                "keep_alive: this server keeps its model loaded; 0 (unload now) is refused",
-                field="keep_alive",
-            )
+        _check_keep_alive(self.keep_alive)
         inputs = [self.input] if isinstance(self.input, str) else list(self.input)
         if len(inputs) > max_inputs:
             raise InvalidRequestError(f"input: at most {max_inputs} inputs", field="input")
@@ -239,6 +231,15 @@ class ShowRequest(_Strict):
     model: StrictStr = ""
     name: StrictStr = ""  # the older spelling
     verbose: StrictBool = False
+
+
+def _check_keep_alive(keep_alive: KeepAlive | None) -> None:
+    """Any keep-alive is kept (the model stays loaded) but 0, which asks to unload now."""
+    if keep_alive is not None and _seconds(keep_alive) == 0:
+        raise InvalidRequestError(
+            "keep_alive: this server keeps its model loaded; 0 (unload now) is refused",
+            field="keep_alive",
+        )
 
 
 def _seconds(keep_alive: KeepAlive) -> float:

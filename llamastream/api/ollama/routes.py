@@ -138,7 +138,7 @@ async def chat(request: Request, service: ServiceDep) -> Response:
     """Chat, streamed as NDJSON unless ``stream: false``."""
     req = await _request(request, service, ChatRequest)
     if not req.messages:  # a client loading the model: it is loaded
-        return _loaded(service, req, "chat")
+        return _loaded(req, "chat")
     try:
         body = req.chat_request(service.settings.n_ctx)
     except ValidationError as exc:
@@ -155,7 +155,7 @@ async def generate(request: Request, service: ServiceDep) -> Response:
     """A completion of ``prompt`` (through the chat template unless ``raw``)."""
     req = await _request(request, service, GenerateRequest)
     if not req.prompt:
-        return _loaded(service, req, "generate")
+        return _loaded(req, "generate")
     messages = [{"role": "system", "content": req.system}] if req.system else []
     messages.append({"role": "user", "content": req.prompt})
     try:
@@ -175,14 +175,7 @@ async def embed(request: Request, service: ServiceDep) -> Response:
     started = time.monotonic_ns()
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, EmbedRequest)
-    embedder = service.embedder
-    if embedder is None:
-        raise ModelNotFoundError(
-            "this server serves no embeddings (settings embedding_model_path or "
-            "embeddings_from_chat_model)",
-            field="model",
-        )
-    served = service.embedding_model_id or ""
+    embedder, served = service.embeddings()
     if req.model.removesuffix(":latest") != served:
         raise ModelNotFoundError(
             f"model {req.model!r} gives no embeddings here; {served!r} does", field="model"
@@ -190,13 +183,8 @@ async def embed(request: Request, service: ServiceDep) -> Response:
     name = req.model
     settings = service.settings
     texts = req.check(settings.embedding_max_inputs, settings.max_input_chars)
-    inputs: list[str | list[int]] = [*texts]
-    if req.dimensions is not None and req.dimensions != embedder.n_embd:
-        raise InvalidRequestError(
-            f"dimensions: the model gives {embedder.n_embd} and cannot shorten them",
-            field="dimensions",
-        )
-    done = await embedder.embed(inputs)
+    embedder.check_dimensions(req.dimensions)
+    done = await embedder.embed([*texts])
     return JSONResponse(
         {
             "model": name,
@@ -262,7 +250,7 @@ async def _run(
     return service.respond(run)
 
 
-def _loaded(service: Service, req: _Generating, kind: Kind) -> Response:
+def _loaded(req: _Generating, kind: Kind) -> Response:
     """The answer to an empty request, Ollama's way of loading a model."""
     last: dict[str, Any] = {"model": req.model, "created_at": now()}
     if kind == "chat":

@@ -193,13 +193,7 @@ async def embeddings(request: Request, service: ServiceDep) -> Response:
     """Unit vectors of ``input`` from the embedding model (its own thread and context)."""
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, EmbeddingRequest)
-    embedder, served = service.embedder, service.embedding_model_id
-    if embedder is None or served is None:
-        raise ModelNotFoundError(
-            "this server serves no embeddings (settings embedding_model_path or "
-            "embeddings_from_chat_model)",
-            field="model",
-        )
+    embedder, served = service.embeddings()
     names = {served} | (service.model_names if served == service.model_id else set())
     if req.model is not None and req.model not in names:
         raise ModelNotFoundError(
@@ -207,12 +201,7 @@ async def embeddings(request: Request, service: ServiceDep) -> Response:
             field="model",
         )
     req.check(service.settings.embedding_max_inputs, service.settings.max_input_chars)
-    if req.dimensions is not None and req.dimensions != embedder.n_embd:
-        raise InvalidRequestError(
-            f"dimensions: {served} gives vectors of {embedder.n_embd} dimensions and cannot "
-            "shorten them",
-            field="dimensions",
-        )
+    embedder.check_dimensions(req.dimensions)
     done = await embedder.embed(req.inputs())
     data = [
         {"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
