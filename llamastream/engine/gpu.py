@@ -420,6 +420,179 @@ def _quantized_share(type_k: str, type_v: str) -> float:
     return max(0.0, 1 - q8 / now)
 
 
+# Choosing n_gpu_layers
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """The most layers one worker can offload to the GPUs' free memory, and what would allow more.
+
+    ``advice`` is empty exactly when everything fits or there is no GPU.
+    """
+
+    layers: int  # n_gpu_layers chosen, 0..units
+    units: int  # n_layer + 1: the output layer counted as one, as llama.cpp counts them
+    placement: Placement  # plan_placement with ``layers``
+    advice: tuple[str, ...] = ()  # "- <setting> would put ... on the GPU" lines
+    free: tuple[int, ...] = ()  # free bytes of each device considered; empty: no GPU
+    headroom_bytes: int = 0  # left free on each device
+
+    def describe(self) -> str:
+        """One line for the start-up log, and the advice on the lines after it."""
+        head = f"n_gpu_layers auto: {self.layers}/{self.units} layers on GPU"
+        if not self.free:
+            return f"{head}: no GPU, the model runs on the CPU"
+        each = " each" if len(self.free) > 1 else ""
+        room = (
+            f"{' + '.join(_mib(f) for f in self.free)} MiB free less "
+            f"{_mib(self.headroom_bytes)} MiB headroom{each}"
+        )
+        if self.layers == self.units:
+            return f"{head} ({_mib(self.placement.gpu_bytes)} MiB of {room}): everything fits"
+        if self.layers == 0:
+            line = f"{head} ({room}): not even one layer fits, the model runs on the CPU"
+        else:
+            line = (
+                f"{head} ({_mib(self.placement.gpu_bytes)} MiB of {room}); the other "
+                f"{self.units - self.layers} run on the CPU, slower"
+            )
+        lead = "to offload layers" if self.layers == 0 else "for more"
+        return "\n".join((f"{line}; {lead}, any of:", *self.advice))
+
+
+def fit_gpu_layers(
+    worker: int,
+    shape: ModelShape,
+    devices: Sequence[DeviceMemory],
+    *,
+    n_slots: int,
+    n_ctx: int,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    offload_kqv: bool = True,
+    headroom_bytes: int = 0,
+    split: Sequence[float] | None = None,
+) -> LayerFit:
+    """The most layers (n_gpu_layers) of one worker whose placement `check_fits` the devices.
+
+    Layers split over ``devices`` by ``split``, by default by free memory as llama.cpp does.
+    When not everything fits, the advice says how many layers each of a q8_0 KV cache, the
+    longest shorter context (a multiple of `KV_PAD`) and the most fewer slots that fit
+    everything (else the shortest context, one slot) would allow; one that gains no layer is
+    left out, and when none gains, the advice says how much more memory one more layer needs.
+
+    >>> shape = ModelShape(32, 1024, 1024, model_bytes=33 * 100 * MIB)  # 100 MiB per layer
+    >>> card = DeviceMemory(0, "GPU", 2048 * MIB, 4096 * MIB)
+    >>> fit = fit_gpu_layers(0, shape, [card], n_slots=1, n_ctx=8192)  # KV: 32 MiB per layer
+    >>> fit.layers, fit.units
+    (15, 33)
+    >>> print(fit.advice[1])
+    - n_ctx=256 would put 20/33 layers on the GPU
+    """
+    units = shape.n_layer + 1
+    weights = list(split) if split else [float(d.free) for d in devices]
+
+    def plan(n: int, n_slots: int, n_ctx: int, type_k: str, type_v: str) -> Placement:
+        return plan_placement(
+            worker,
+            shape,
+            n_slots=n_slots,
+            n_ctx=n_ctx,
+            n_gpu_layers=n,
+            type_k=type_k,
+            type_v=type_v,
+            offload_kqv=offload_kqv,
+            devices=[d.index for d in devices],
+            split=weights,
+        )
+
+    def most(n_slots: int, n_ctx: int, type_k: str, type_v: str) -> Placement:
+        # a loop, not a bisection: over several GPUs, a GPU's share can shrink as layers grow
+        for n in range(units if devices else 0, 0, -1):
+            placement = plan(n, n_slots, n_ctx, type_k, type_v)
+            if _fits(placement, devices, headroom_bytes):
+                return placement
+        return plan(0, n_slots, n_ctx, type_k, type_v)
+
+    def all_fit(n_slots: int, n_ctx: int) -> bool:
+        return _fits(plan(units, n_slots, n_ctx, type_k, type_v), devices, headroom_bytes)
+
+    best = most(n_slots, n_ctx, type_k, type_v)
+    free = tuple(d.free for d in devices)
+    if not devices or best.gpu_layers == units:
+        return LayerFit(best.gpu_layers, units, best, (), free, headroom_bytes)
+    # (setting, layers it allows, note)
+    options: list[tuple[str, int, str]] = []
+    # q8_0 for a cache wider than it, where flash attention (auto or on) allows it
+    q8 = "q8_0"
+    q8_k, q8_v = (
+        q8 if _value_bytes(t) > _value_bytes(q8) and not head % KV_TYPE_BLOCKS[q8][1] else t
+        for t, head in ((type_k, shape.head_k), (type_v, shape.head_v))
+    )
+    if (q8_k, q8_v) != (type_k, type_v):
+        setting = " ".join(
+            f"{which}={new}"
+            for which, new, old in (("type_k", q8_k, type_k), ("type_v", q8_v, type_v))
+            if new != old
+        )
+        note = " (a quantized V cache needs flash_attn auto or on)" if q8_v != type_v else ""
+        options.append((setting, most(n_slots, n_ctx, q8_k, q8_v).gpu_layers, note))
+    # bisections: with every layer placed, each GPU's share grows with the context and slots
+    shorter = range(KV_PAD, n_ctx, KV_PAD)
+    if shorter:
+        at = bisect.bisect_left(shorter, True, key=lambda c: not all_fit(n_slots, c))
+        ctx = shorter[max(at - 1, 0)]
+        options.append((f"n_ctx={ctx}", most(n_slots, ctx, type_k, type_v).gpu_layers, ""))
+    fewer = range(1, n_slots)
+    if fewer:
+        at = bisect.bisect_left(fewer, True, key=lambda s: not all_fit(s, n_ctx))
+        slots = fewer[max(at - 1, 0)]
+        setting = f"{slots} slot{'s' if slots > 1 else ''} instead of {n_slots}"
+        options.append((setting, most(slots, n_ctx, type_k, type_v).gpu_layers, ""))
+    advice = [
+        f"- {setting} would put "
+        + (f"all {units} layers" if n == units else f"{n}/{units} layers")
+        + f" on the GPU{note}"
+        for setting, n, note in options
+        if n > best.gpu_layers
+    ]
+    if not advice:
+        advice.append(
+            _one_more(
+                plan(best.gpu_layers + 1, n_slots, n_ctx, type_k, type_v), devices, headroom_bytes
+            )
+        )
+    return LayerFit(best.gpu_layers, units, best, tuple(advice), free, headroom_bytes)
+
+
+def _fits(placement: Placement, devices: Sequence[DeviceMemory], headroom_bytes: int) -> bool:
+    try:
+        check_fits([placement], devices, headroom_bytes)
+    except GpuMemoryError:
+        return False
+    return True
+
+
+def _value_bytes(type_name: str) -> float:
+    block_bytes, block = KV_TYPE_BLOCKS[type_name]
+    return block_bytes / block
+
+
+def _one_more(placement: Placement, devices: Sequence[DeviceMemory], headroom_bytes: int) -> str:
+    """The advice when no smaller KV cache gains a layer: what ``placement`` lacks."""
+    budget = {d.index: d.free - headroom_bytes for d in devices}
+    short, device = max((s.total - budget[s.device], s.device) for s in placement.shares)
+    remedy = (
+        "a smaller gpu_headroom_mib, if nothing else uses the GPU"
+        if headroom_bytes >= short
+        else "a GPU with more free memory"
+    )
+    return (
+        f"- no smaller KV cache gains a layer: n_gpu_layers={placement.gpu_layers} needs about "
+        f"{_mib(short)} MiB more on GPU {device}; a smaller quantization of the model, or {remedy}"
+    )
+
+
 @dataclass(frozen=True)
 class Offload:
     """A worker's llama.cpp model and context parameters for its placement."""

@@ -23,14 +23,17 @@ from llamastream import create_app
 from llamastream.config import Settings
 from llamastream.engine import gpu
 from llamastream.engine.gpu import (
+    KV_PAD,
     KV_TYPE_BLOCKS,
     MIB,
     DeviceMemory,
     GpuMemoryError,
+    LayerFit,
     ModelShape,
     Offload,
     Placement,
     check_fits,
+    fit_gpu_layers,
     gpu_devices,
     kv_bytes_per_slot,
     kv_cells,
@@ -271,6 +274,135 @@ def test_refusal_sums_workers_sharing_a_gpu_and_names_a_missing_one() -> None:
     other = plan_placement(1, LLAMA3_8B, n_slots=1, n_ctx=4096, n_gpu_layers=-1, devices=[1])
     with pytest.raises(GpuMemoryError, match=r"GPU 1 is planned for but llama.cpp sees 1 GPU\("):
         check_fits([one, other], [card], 512 * MIB)
+
+
+# Choosing n_gpu_layers
+
+
+def _refit(devices: list[DeviceMemory], **kwargs: Any) -> LayerFit:
+    return fit_gpu_layers(0, LLAMA3_8B, devices, headroom_bytes=512 * MIB, **kwargs)
+
+
+def _assert_most_layers(fit: LayerFit, devices: list[DeviceMemory], **kwargs: Any) -> None:
+    """``fit.layers`` fits and one more does not, as `check_fits` says (split by free memory)."""
+    split = kwargs.pop("split", None) or [d.free for d in devices]
+
+    def plan(n: int) -> Placement:
+        indices = [d.index for d in devices]
+        return plan_placement(0, LLAMA3_8B, n_gpu_layers=n, devices=indices, split=split, **kwargs)
+
+    assert fit.placement == plan(fit.layers)
+    check_fits([fit.placement], devices, 512 * MIB)
+    if fit.layers < fit.units:
+        with pytest.raises(GpuMemoryError):
+            check_fits([plan(fit.layers + 1)], devices, 512 * MIB)
+
+
+def _assert_advice_holds(fit: LayerFit, devices: list[DeviceMemory], **kwargs: Any) -> None:
+    """Each advised setting, refitted, puts the layers it says on the GPU."""
+    assert fit.advice
+    for line in fit.advice:
+        claim = re.search(r"would put (?:all (\d+)|(\d+)/\d+) layers on the GPU", line)
+        assert claim is not None, line
+        layers = int(claim[1] or claim[2])
+        assert layers > fit.layers
+        changed = dict(kwargs)
+        for key, value in re.findall(r"(type_k|type_v|n_ctx)=(\w+)", line):
+            changed[key] = int(value) if key == "n_ctx" else value
+        if slots := re.match(r"- (\d+) slots? instead of", line):
+            changed["n_slots"] = int(slots[1])
+        assert changed != kwargs, line
+        assert _refit(devices, **changed).layers == layers, line
+        # the longest context and the most slots that fit everything: one step more does not
+        if layers == fit.units and "n_ctx=" in line:
+            more = {**changed, "n_ctx": changed["n_ctx"] + KV_PAD}
+            assert _refit(devices, **more).layers < fit.units
+        if layers == fit.units and slots:
+            assert _refit(devices, **{**changed, "n_slots": int(slots[1]) + 1}).layers < fit.units
+
+
+def test_fit_puts_everything_on_a_big_gpu_and_nothing_without_one() -> None:
+    big = [_card(80)]
+    fit = _refit(big, n_slots=4, n_ctx=8192)
+    assert (fit.layers, fit.units, fit.advice) == (33, 33, ())
+    assert fit.placement.host_bytes == 0
+    assert fit.describe().startswith("n_gpu_layers auto: 33/33 layers on GPU (8,788.1 MiB of ")
+    assert fit.describe().endswith("less 512.0 MiB headroom): everything fits")
+
+    cpu = _refit([], n_slots=4, n_ctx=8192)
+    assert (cpu.layers, cpu.units, cpu.advice, cpu.placement.shares) == (0, 33, (), ())
+    assert (
+        cpu.describe() == "n_gpu_layers auto: 0/33 layers on GPU: no GPU, the model runs on the CPU"
+    )
+
+
+def test_fit_on_a_gpu_that_holds_half_says_what_would_fit_more() -> None:
+    card = [_card(8)]  # 7.6 GiB free: the 4.6 GiB model and 8 GiB of KV cache do not fit
+    kwargs: dict[str, Any] = {"n_slots": 4, "n_ctx": 16384}
+    fit = _refit(card, **kwargs)
+    assert fit.layers == 18
+    _assert_most_layers(fit, card, **kwargs)
+    assert fit.advice == (
+        "- type_k=q8_0 type_v=q8_0 would put 26/33 layers on the GPU "
+        "(a quantized V cache needs flash_attn auto or on)",
+        "- n_ctx=5120 would put all 33 layers on the GPU",
+        "- 1 slot instead of 4 would put all 33 layers on the GPU",
+    )
+    _assert_advice_holds(fit, card, **kwargs)
+    first, *rest = fit.describe().splitlines()
+    assert first == (
+        "n_gpu_layers auto: 18/33 layers on GPU (6,911.3 MiB of 7,782.4 MiB free less 512.0 MiB "
+        "headroom); the other 15 run on the CPU, slower; for more, any of:"
+    )
+    assert tuple(rest) == fit.advice
+    # a setting already at its smallest is not advised; a q4_0 K cache stays as it is
+    quantized: dict[str, Any] = {"n_slots": 1, "n_ctx": 65536, "type_k": "q4_0", "type_v": "q8_0"}
+    small = _refit(card, **quantized)
+    assert 0 < small.layers < 33
+    assert len(small.advice) == 1 and small.advice[0].startswith("- n_ctx=")
+    _assert_advice_holds(small, card, **quantized)
+    # without offload_kqv the KV cache stays in host memory: no KV setting gains a layer
+    no_kqv = _refit([_card(4)], n_slots=4, n_ctx=16384, offload_kqv=False)
+    assert 0 < no_kqv.layers < 33
+    assert no_kqv.advice[0].startswith("- no smaller KV cache gains a layer")
+
+
+def test_fit_over_two_gpus_splits_by_free_memory_or_tensor_split() -> None:
+    cards = [DeviceMemory(0, "A", 6 * GIB, 8 * GIB), DeviceMemory(1, "B", 2 * GIB, 4 * GIB)]
+    kwargs: dict[str, Any] = {"n_slots": 4, "n_ctx": 16384}
+    fit = _refit(cards, **kwargs)
+    assert [(s.device, s.layers) for s in fit.placement.shares] == [(0, 14), (1, 4)]
+    _assert_most_layers(fit, cards, **kwargs)
+    _assert_advice_holds(fit, cards, **kwargs)
+    assert "6,144.0 + 2,048.0 MiB free less 512.0 MiB headroom each" in fit.describe()
+    # an even split fills the small card first
+    even = _refit(cards, split=[1, 1], **kwargs)
+    assert even.layers < fit.layers
+    a, b = (s.layers for s in even.placement.shares)
+    assert a + b == even.layers and abs(a - b) <= 1
+    _assert_most_layers(even, cards, split=[1, 1], **kwargs)
+    _assert_advice_holds(even, cards, split=[1, 1], **kwargs)
+    assert _refit(cards, n_slots=1, n_ctx=4096).advice == ()
+
+
+def test_fit_on_a_gpu_too_small_for_one_layer_runs_on_the_cpu() -> None:
+    # llama.cpp offloads the output layer first (no KV cache): 142 MiB of weights
+    tiny = [DeviceMemory(0, "Tiny", 640 * MIB, 1024 * MIB)]
+    fit = _refit(tiny, n_slots=4, n_ctx=8192)
+    assert (fit.layers, fit.placement.shares) == (0, ())
+    _assert_most_layers(fit, tiny, n_slots=4, n_ctx=8192)
+    assert fit.advice == (
+        "- no smaller KV cache gains a layer: n_gpu_layers=1 needs about 14.2 MiB more on GPU 0; "
+        "a smaller quantization of the model, or a smaller gpu_headroom_mib, if nothing else "
+        "uses the GPU",
+    )
+    assert fit.describe().startswith(
+        "n_gpu_layers auto: 0/33 layers on GPU (640.0 MiB free less 512.0 MiB headroom): not even "
+        "one layer fits, the model runs on the CPU; to offload layers, any of:\n- no smaller"
+    )
+    smaller = [DeviceMemory(0, "Tiny", 100 * MIB, 1024 * MIB)]
+    none = fit_gpu_layers(0, LLAMA3_8B, smaller, n_slots=4, n_ctx=8192)
+    assert none.layers == 0 and none.advice[0].endswith("or a GPU with more free memory")
 
 
 def test_offload_parameters_reach_llama_cpp() -> None:
