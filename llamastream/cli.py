@@ -54,9 +54,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         kinds = {
             typing.get_origin(a) for a in typing.get_args(Settings.model_fields[name].annotation)
         }
-        if shape is list or list in kinds:
+        items = typing.get_args(Settings.model_fields[name].annotation)
+        if ((shape is list or list in kinds) and items == (str,)) or name == "tensor_split":
             given[name] = [item.strip() for item in value.split(",") if item.strip()]
-        elif shape is dict:
+        elif shape in (dict, list):
             try:
                 given[name] = json.loads(value)
             except ValueError:

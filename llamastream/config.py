@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from llamastream.limits import (
     FlashAttn,
@@ -32,7 +38,71 @@ DEFAULT_ROLES: dict[str, Literal["public", "user", "admin"]] = {
     "v1": "user",
     "tokenize": "user",
     "ollama": "user",
+    "get_models": "public",
+    "admin": "admin",
 }
+
+# The settings a model of `models` may set for itself; the others are the server's.
+PER_MODEL = (
+    "num_of_concurrent_executions",
+    "max_queue_size",
+    "workers",
+    "n_ctx",
+    "n_batch",
+    "max_new_tokens",
+    "max_tokens_limit",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repeat_penalty",
+    "seed",
+    "n_gpu_layers",
+    "main_gpu",
+    "tensor_split",
+    "flash_attn",
+    "offload_kqv",
+    "type_k",
+    "type_v",
+    "n_threads",
+    "n_threads_batch",
+    "chat_template_file",
+    "reasoning_format",
+    "reasoning_budget",
+    "system_prompt",
+    "keep_alive_s",
+)
+
+
+class ModelConfig(BaseModel):
+    """One model of a server serving several: where it is, what it is called, and the
+    settings of its own (any of `PER_MODEL`; the rest are the server's).
+
+    >>> ModelConfig(name="coder", model_path="models/coder.gguf", n_ctx=4096).overrides()
+    {'n_ctx': 4096}
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")
+    model_path: Path | None = None
+    preset: str | None = None  # a download preset, fetched into models_dir on first load
+    aliases: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        unknown = sorted(set(self.model_extra or {}) - set(PER_MODEL))
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a per-model setting; a model may set: "
+                + ", ".join(PER_MODEL)
+            )
+        if (self.model_path is None) == (self.preset is None):
+            raise ValueError("give a model exactly one of model_path and preset")
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings this model sets for itself."""
+        return dict(self.model_extra or {})
 
 
 class Settings(BaseSettings):
@@ -50,6 +120,42 @@ class Settings(BaseSettings):
         "small instruct model into models_dir.",
     )
     models_dir: Path = Field(Path("models"), description="Where downloaded models are kept.")
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="More models to serve, loaded when a request names one: tables of name, "
+        "model_path or preset, aliases and per-model settings (see Several models). Command "
+        "line and environment: JSON; config_file: [[models]] tables.",
+    )
+    serve_models_dir: bool = Field(
+        False,
+        description="Also serve every GGUF file in models_dir, each under its file name's "
+        "stem, with the server's settings.",
+    )
+    config_file: Path | None = Field(
+        None,
+        description="A TOML file of settings (the same names; [[models]] tables for several "
+        "models). Flags and environment variables win over it.",
+    )
+    keep_alive_s: float = Field(
+        -1,
+        ge=-1,
+        description="Seconds a model stays loaded after its last request (0: unloaded as soon "
+        "as it is idle; -1: never). Per model in models; per request on /api (keep_alive).",
+    )
+    memory_budget_mib: int | None = Field(
+        None,
+        ge=1,
+        description="Memory (MiB) the loaded models may take together (weights and KV caches, "
+        "as estimated from each GGUF); loading past it first unloads idle models, least "
+        "recently used first. Unset: what the host and GPUs have free.",
+    )
+    device_memory_mib: int | None = Field(
+        None,
+        ge=1,
+        description="GPU memory (MiB) per device that n_gpu_layers auto plans with, when less "
+        "than the card has free; on a build without GPU support it stands in for a card "
+        "(the plan is made and shown; everything runs on the CPU).",
+    )
     default_model: str = Field(
         "smollm2-135m", description="Download preset used when model_path is unset."
     )
@@ -87,8 +193,10 @@ class Settings(BaseSettings):
     seed: Seed | None = Field(
         None, description="Default sampling seed; unset draws a fresh seed for every request."
     )
-    n_gpu_layers: int = Field(
-        0, ge=-1, description="Layers offloaded to the GPU (-1: all, 0: CPU only)."
+    n_gpu_layers: int | Literal["auto"] = Field(
+        "auto",
+        description="Layers offloaded to the GPU (-1: all, 0: CPU only; auto: the most that "
+        "fit beside the KV cache of the slots, logged with what would fit more).",
     )
     main_gpu: int = Field(
         0, ge=0, description="GPU holding the model when it is not split (split_mode none)."
@@ -257,6 +365,25 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port `llamastream serve` listens on.")
     log_level: str = Field("info", description="Logging level of `llamastream serve`.")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags and keyword arguments, then the environment, then ``config_file``."""
+        given = getattr(init_settings, "init_kwargs", {}).get("config_file")
+        path = given or os.environ.get("LLAMASTREAM_CONFIG_FILE")
+        sources = [init_settings, env_settings, dotenv_settings, file_secret_settings]
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"config_file {path}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
     def reply_limit(self) -> int:
         """The most tokens a reply may be asked for."""
         return self.max_tokens_limit or self.n_ctx - 1
@@ -284,9 +411,14 @@ class Settings(BaseSettings):
                 f"endpoint_roles: unknown endpoint {sorted(unknown)[0]!r}; "
                 f"known: {', '.join(DEFAULT_ROLES)}"
             )
-        self.endpoint_roles = {**DEFAULT_ROLES, **self.endpoint_roles}
-        if "admin" in self.endpoint_roles.values() and not self.admin_keys:
+        asked = {k for k, v in self.endpoint_roles.items() if v == "admin" != DEFAULT_ROLES[k]}
+        if asked and not self.admin_keys:
             raise ValueError("endpoint_roles names the admin role but admin_keys is empty")
+        self.endpoint_roles = {**DEFAULT_ROLES, **self.endpoint_roles}
+        names = [m.name for m in self.models]
+        twice = {n for n in names if names.count(n) > 1}
+        if twice:
+            raise ValueError(f"models: the name {sorted(twice)[0]!r} is given twice")
         if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
             raise ValueError("workers must be between 1 and 64, or auto")
         return self

@@ -73,15 +73,23 @@ class SessionBusyError(LlamaStreamError):
     code = "session_busy"
 
 
+class ModelBusyError(LlamaStreamError):
+    """A model cannot be unloaded while requests run on it or wait for it."""
+
+    status_code = 409
+    code = "model_busy"
+
+
 class QueueFullError(LlamaStreamError):
     """Every slot is busy and the wait queue is full."""
 
     status_code = 429
     code = "too_many_requests"
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
         super().__init__(
-            "all generation slots are busy and the wait queue is full", retry_after=retry_after
+            message or "all generation slots are busy and the wait queue is full",
+            retry_after=retry_after,
         )
 
 
@@ -97,6 +105,14 @@ class NotReadyError(LlamaStreamError):
 
     status_code = 503
     code = "not_ready"
+
+
+class ModelUnavailableError(LlamaStreamError):
+    """A configured model cannot be loaded: its file is missing or unreadable, it cannot fit
+    in memory even alone, or busy models hold the memory it needs."""
+
+    status_code = 503
+    code = "model_unavailable"
 
 
 class SessionStoreError(LlamaStreamError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import Scope
 
@@ -26,15 +28,17 @@ def route_of(scope: Scope) -> str:
 
 
 class Metrics:
-    """What `/metrics` reports: requests, queue and slots, waits, TTFT and tokens.
+    """What `/metrics` reports: requests, and per model its queue and slots, waits, TTFT,
+    tokens and loads.
 
     >>> from llamastream.engine.slots import SlotController
-    >>> metrics = Metrics(SlotController(2, 4))
-    >>> b"llamastream_busy_slots 0.0" in metrics.render()
+    >>> metrics = Metrics()
+    >>> metrics.add_model("tiny", SlotController(2, 4), loaded=lambda: True)
+    >>> b'llamastream_busy_slots{model="tiny"} 0.0' in metrics.render()
     True
     """
 
-    def __init__(self, slots: SlotController) -> None:
+    def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "llamastream_http_requests",
@@ -44,44 +48,70 @@ class Metrics:
         )
         self.generations = Counter(
             "llamastream_generations",
-            "Accepted generation requests by route and outcome (the callback's message).",
-            ["route", "outcome"],
+            "Accepted generation requests by route, model and outcome (the callback's message).",
+            ["route", "model", "outcome"],
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "llamastream_queue_depth", "Requests waiting for a slot.", registry=registry
+            "llamastream_queue_depth", "Requests waiting for a slot.", ["model"], registry=registry
         )
-        self.queue_depth.set_function(lambda: slots.load().waiting)
         self.busy_slots = Gauge(
-            "llamastream_busy_slots", "Slots generating or reserved.", registry=registry
+            "llamastream_busy_slots", "Slots generating or reserved.", ["model"], registry=registry
         )
-        self.busy_slots.set_function(lambda: slots.load().processing)
-        self.slots = Gauge("llamastream_slots", "Generation slots.", registry=registry)
-        self.slots.set(slots.n_slots)
+        self.slots = Gauge("llamastream_slots", "Generation slots.", ["model"], registry=registry)
+        self.loaded = Gauge(
+            "llamastream_model_loaded", "1 while the model is loaded.", ["model"], registry=registry
+        )
+        self.loads = Counter(
+            "llamastream_model_loads",
+            "Model loads by outcome (loaded, failed) and unloads (unloaded).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            "llamastream_model_load_seconds",
+            "Time to load a model (making room included).",
+            ["model"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "llamastream_queue_wait_seconds",
             "Time from acceptance to a slot.",
+            ["model"],
             buckets=_SECONDS,
             registry=registry,
         )
         self.ttft = Histogram(
             "llamastream_time_to_first_token_seconds",
             "Time from acceptance to the first generated text.",
+            ["model"],
             buckets=_SECONDS,
             registry=registry,
         )
         self.prompt_tokens = Counter(
-            "llamastream_prompt_tokens", "Prompt tokens of accepted requests.", registry=registry
+            "llamastream_prompt_tokens",
+            "Prompt tokens of accepted requests.",
+            ["model"],
+            registry=registry,
         )
         self.generated_tokens = Counter(
-            "llamastream_generated_tokens", "Tokens generated.", registry=registry
+            "llamastream_generated_tokens", "Tokens generated.", ["model"], registry=registry
         )
         self.tokens_per_second = Histogram(
             "llamastream_generation_tokens_per_second",
             "Decoding speed of each reply, from its first to its last token.",
+            ["model"],
             buckets=_RATES,
             registry=registry,
         )
+
+    def add_model(self, name: str, slots: SlotController, loaded: Callable[[], bool]) -> None:
+        """Report a configured model's slots, queue and state under its ``model`` label."""
+        self.queue_depth.labels(name).set_function(lambda: slots.load().waiting)
+        self.busy_slots.labels(name).set_function(lambda: slots.load().processing)
+        self.slots.labels(name).set(slots.n_slots)
+        self.loaded.labels(name).set_function(lambda: float(loaded()))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -273,8 +273,10 @@ class Runner:
         max_queue_wait_s: float = math.inf,
         max_generation_s: float = math.inf,
         metrics: Metrics | None = None,
+        model: str = "",
     ) -> None:
         self.pool = pool
+        self.model = model  # the metrics' model label
         self.max_queue_wait_s = max_queue_wait_s
         self.max_generation_s = max_generation_s
         self.metrics = metrics
@@ -320,6 +322,10 @@ class Runner:
         if self.active:
             logger.warning("%d generation(s) did not settle at shutdown", len(self.active))
 
+    def resume(self) -> None:
+        """Take runs again after a drain (a model unloaded by force, to be loaded again)."""
+        self._draining = None
+
     async def _produce(self, run: Run, send: Send) -> None:
         """Wait for a slot, run the job, and send its text as it comes.
 
@@ -360,7 +366,7 @@ class Runner:
         """
         slot = await self._wait_for_slot(run)
         if self.metrics is not None:
-            self.metrics.queue_wait.observe(time.monotonic() - run.accepted_at)
+            self.metrics.queue_wait.labels(self.model).observe(time.monotonic() - run.accepted_at)
         restore = None
         if run.cache_key is not None:
             restore = await self.pool.saved_state(slot, run.tokens, run.cache_key)
@@ -531,15 +537,16 @@ class Runner:
         if self.metrics is None:
             return
         m = self.metrics
-        m.generations.labels(route_of(run.request.scope), run.outcome).inc()
-        m.prompt_tokens.inc(run.prompt_tokens)
+        model = self.model
+        m.generations.labels(route_of(run.request.scope), model, run.outcome).inc()
+        m.prompt_tokens.labels(model).inc(run.prompt_tokens)
         if run.first_text_at is not None:
-            m.ttft.observe(run.first_text_at - run.accepted_at)
+            m.ttft.labels(model).observe(run.first_text_at - run.accepted_at)
         if run.finished is not None:
-            m.generated_tokens.inc(run.finished.completion_tokens)
+            m.generated_tokens.labels(model).inc(run.finished.completion_tokens)
             decoding = time.monotonic() - (run.first_text_at or run.accepted_at)
             if run.finished.completion_tokens > 1 and decoding > 0:
-                m.tokens_per_second.observe(run.finished.completion_tokens / decoding)
+                m.tokens_per_second.labels(model).observe(run.finished.completion_tokens / decoding)
 
 
 def _cut_short(run: Run) -> bool:

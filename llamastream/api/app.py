@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from llamastream import __version__
-from llamastream.api import native, openai, ops, tokens
+from llamastream.api import admin, native, openai, ops, tokens
 from llamastream.api.anthropic import routes as anthropic
 from llamastream.api.chatstream import ChatStream
 from llamastream.api.errors import install_error_handlers
@@ -62,6 +62,7 @@ def create_app(
     app.include_router(anthropic.router)  # before the /v1 catch-all of the OpenAI family
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     app.include_router(tokens.router)
     app.include_router(ollama.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

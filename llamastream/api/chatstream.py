@@ -34,6 +34,7 @@ from llamastream.errors import (
     NothingToRegenerateError,
 )
 from llamastream.metrics import Metrics
+from llamastream.registry import ServedModel
 from llamastream.service import Service
 from llamastream.sessions.middleware import SessionManager
 from llamastream.sessions.record import Session, new_session_id
@@ -44,6 +45,13 @@ logger = logging.getLogger(__name__)
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 PROMPT_KEY = "chat_prompt"
 PARAMS_KEY = "generation_params"
+MODEL_KEY = "model"  # the session's model (unset: the server's default)
+
+
+class SessionParams(GenerationParams):
+    """What a session may set: its generation parameters and its model."""
+
+    model: StrictStr | None = None
 
 
 class ChatRequest(BaseModel):
@@ -53,6 +61,7 @@ class ChatRequest(BaseModel):
 
     user_input: StrictStr | None = None
     regenerate: StrictBool = False
+    model: StrictStr | None = None  # a configured model; kept as the session's model
 
     def check(self, max_chars: int) -> None:
         """Refuse a turn with no input (unless regenerating: then an empty input is none, as
@@ -236,7 +245,7 @@ class ChatStream:
 
     @property
     def ready(self) -> bool:
-        return self.service.loaded
+        return self.service.status == "ok"
 
     # lifecycle, the service's
 
@@ -282,20 +291,25 @@ class ChatStream:
                 request, request_body, self.settings.max_body_bytes, ChatRequest
             )
             chat.check(self.settings.max_input_chars)
+            if chat.model is not None:
+                service.models.get(chat.model)  # 404 naming the field before anything else
             manager, session = _session_of(request)
             lock = await service.turn_locks.lock(manager)
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
         try:
-            run = await self._prepare_turn(request, manager, session, chat, lock)
+            if chat.model is not None:
+                session[MODEL_KEY] = chat.model
+            async with service.use(self._model_name(session)) as model:
+                run = await self._prepare_turn(request, manager, session, chat, lock, model)
+                run.callback = callback
+                return model.respond(run)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await service.turn_locks.unlock(manager, lock)
             if isinstance(exc, LlamaStreamError):
                 return NATIVE.response(exc)
             raise
-        run.callback = callback
-        return service.respond(run)
 
     async def handle_starlette_request(
         self,
@@ -313,7 +327,9 @@ class ChatStream:
             async with self.service.turn_locks.locked(manager):
                 self._prompt_of(session).clear()
                 await _save(manager)
-                await self.service.pool.forget(session.id)
+                for model in self.service.models.models:
+                    if model.loaded:
+                        await model.pool.forget(session.id)
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
         return JSONResponse({"status": "cleared"})
@@ -323,14 +339,47 @@ class ChatStream:
         manager, session = _session_of(request)
         try:
             await _ensure_loaded(manager)
-            prompt = self._prompt_of(session)
-            text = prompt.create_prompt()
+            async with self.service.use(self._model_name(session)) as model:
+                prompt = self._prompt_of(session, model)
+                text = prompt.create_prompt()
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
-        return JSONResponse({"prompt": text, "messages": [m.to_dict() for m in prompt.messages]})
+        return JSONResponse(
+            {
+                "prompt": text,
+                "messages": [m.to_dict() for m in prompt.messages],
+                "model": model.name,
+            }
+        )
 
     async def handle_get_load_request(self, request: Request) -> Response:
-        return JSONResponse(self.service.load())
+        """Busy and waiting requests over every model, and per model with its state."""
+        models = {m.name: {**m.load(), "state": m.state} for m in self.service.models.models}
+        return JSONResponse({**self.service.load(), "models": models})
+
+    async def handle_get_models_request(self, request: Request) -> Response:
+        """The configured models with their state, and the caller's session's model."""
+        manager, session = _session_of(request)
+        try:
+            await _ensure_loaded(manager)
+        except LlamaStreamError as exc:
+            return NATIVE.response(exc)
+        models = [
+            {
+                "id": m.name,
+                "state": m.state,
+                "n_ctx": m.settings.n_ctx,
+                **({"error": m.error} if m.error else {}),
+            }
+            for m in self.service.models.models
+        ]
+        return JSONResponse(
+            {
+                "models": models,
+                "default": self.service.default.name,
+                "model": self._model_name(session) or self.service.default.name,
+            }
+        )
 
     async def handle_set_generation_params_request(
         self, request: Request, request_body: RequestBody = None
@@ -339,13 +388,16 @@ class ChatStream:
         manager, session = _session_of(request)
         try:
             params = await parse_body(
-                request, request_body, self.settings.max_body_bytes, GenerationParams
+                request, request_body, self.settings.max_body_bytes, SessionParams
             )
-            params.check_cap(self.settings.reply_limit())
+            model = self.service.models.get(params.model or self._model_name(session))
+            params.check_cap(model.settings.reply_limit())
             async with self.service.turn_locks.locked(manager):
                 stored = dict(session.get(PARAMS_KEY) or {})
-                stored.update(params.model_dump(exclude_unset=True))
+                stored.update(params.model_dump(exclude_unset=True, exclude={"model"}))
                 session[PARAMS_KEY] = stored
+                if params.model is not None:
+                    session[MODEL_KEY] = model.name
                 await _save(manager)
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
@@ -368,29 +420,30 @@ class ChatStream:
         session: Session,
         chat: ChatRequest,
         lock: str | None,
+        model: ServedModel,
     ) -> Run:
         # Written before anything is generated: a store that cannot keep the reply refuses
         # the turn (503) instead of losing it; the write also refreshes the session's TTL.
         await _save(manager)
-        prompt = self._prompt_of(session)
+        prompt = self._prompt_of(session, model)
         turn = _Turn(self.service, manager, prompt, list(prompt.messages), lock)
         _add_input(prompt, chat)
         try:
-            params = self._sampling_params(session)
+            params = self._sampling_params(session, model)
             tokens, prompt_text = await anyio.to_thread.run_sync(
-                self._tokenize_fitting, prompt, params
+                self._tokenize_fitting, model, prompt, params
             )
-            max_new = min(params.max_new_tokens, self.settings.n_ctx - len(tokens))
+            max_new = min(params.max_new_tokens, model.settings.n_ctx - len(tokens))
             params = params.updated(max_new_tokens=max_new)
-            thinking = self.service.thinking(prompt_text)
+            thinking = model.thinking(prompt_text)
             if thinking is not None:
                 params = params.updated(
                     reasoning=thinking.budget, special_tokens=thinking.special or None
                 )
-                if self.settings.reasoning_format == "none":
+                if model.settings.reasoning_format == "none":
                     thinking = None
             turn.thinking = thinking
-            ticket = self.service.admit(tokens)
+            ticket = model.admit(tokens)
         except BaseException:
             prompt.messages[:] = turn.before
             raise
@@ -409,13 +462,13 @@ class ChatStream:
         )
 
     def _tokenize_fitting(
-        self, prompt: ChatPrompt, params: SamplingParams
+        self, model: ServedModel, prompt: ChatPrompt, params: SamplingParams
     ) -> tuple[list[int], str]:
         """The prompt's tokens and text, its oldest turns dropped until it fits."""
-        pool = self.service.pool
+        pool, settings = model.pool, model.settings
         # Room kept for the reply: what the session asks, at most the default length (a
         # longer reply is cut to the room the prompt leaves, as on /v1).
-        budget = self.settings.n_ctx - min(params.max_new_tokens, self.settings.max_new_tokens)
+        budget = settings.n_ctx - min(params.max_new_tokens, settings.max_new_tokens)
         view = prompt.copy()
         for message in view.messages:
             message.content = pool.defuse(message.content)
@@ -428,19 +481,28 @@ class ChatStream:
         text = view.create_prompt()
         return pool.tokenize(text), text
 
-    def _prompt_of(self, session: Session) -> ChatPrompt:
-        """The session's conversation, as a `ChatPrompt` kept in the session."""
+    def _model_name(self, session: Session) -> str | None:
+        """The session's model (None: the default; so is one no longer configured)."""
+        name = session.get(MODEL_KEY)
+        if isinstance(name, str) and name in self.service.models.by_name:
+            return name
+        return None
+
+    def _prompt_of(self, session: Session, model: ServedModel | None = None) -> ChatPrompt:
+        """The session's conversation, as a `ChatPrompt` kept in the session (rendered with
+        ``model``'s template)."""
         stored = session.get(PROMPT_KEY)
         if isinstance(stored, ChatPrompt):
             prompt = stored
         else:
             prompt = session[PROMPT_KEY] = ChatPrompt.from_record(stored)
-        prompt.system_prompt = self.settings.system_prompt
-        prompt.template = self.service.pool.template
+        model = model or self.service.default
+        prompt.system_prompt = model.settings.system_prompt
+        prompt.template = model.pool.template
         return prompt
 
-    def _sampling_params(self, session: Session) -> SamplingParams:
-        """The server's defaults with the session's own parameters (validated when set)."""
+    def _sampling_params(self, session: Session, model: ServedModel) -> SamplingParams:
+        """The model's defaults with the session's own parameters (validated when set)."""
         try:
             stored = GenerationParams.model_validate(session.get(PARAMS_KEY) or {})
         except ValidationError as exc:  # set under older limits: the session must set them again
@@ -448,12 +510,17 @@ class ChatStream:
             raise InvalidRequestError(
                 f"generation_params.{error.message}", field=f"generation_params.{error.field}"
             ) from None
-        return stored.apply(self.service.default_params())
+        return stored.apply(model.default_params())
 
     def _effective_params(self, session: Session) -> dict[str, Any]:
-        """The session's parameters in force: exactly the fields a session may set."""
-        params = self._sampling_params(session)
-        return {name: getattr(params, name) for name in GenerationParams.model_fields}
+        """The session's parameters in force: exactly the fields a session may set, and its
+        model."""
+        model = self.service.models.get(self._model_name(session))
+        params = self._sampling_params(session, model)
+        return {
+            **{name: getattr(params, name) for name in GenerationParams.model_fields},
+            "model": model.name,
+        }
 
 
 def _add_input(prompt: ChatPrompt, chat: ChatRequest) -> None:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from llamastream.api.access import require
+from llamastream.api.chatstream import SessionParams
 from llamastream.api.deps import ServiceDep, chat_stream_of
 from llamastream.api.errors import NativeRoute
 from llamastream.api.openapi import error_responses, json_body, json_ok
@@ -46,14 +47,15 @@ _PARAMS = {
     "additionalProperties": False,
     "properties": {
         name: {k: v for k, v in schema.items() if k != "title"}
-        for name, schema in GenerationParams.model_json_schema()["properties"].items()
+        for name, schema in SessionParams.model_json_schema()["properties"].items()
     },
 }
 
 _EFFECTIVE_PARAMS = {
     "type": "object",
-    "required": list(GenerationParams.model_fields),
+    "required": [*GenerationParams.model_fields, "model"],
     "properties": {
+        "model": {"type": "string"},
         "temperature": {"type": "number"},
         "top_p": {"type": "number"},
         "top_k": {"type": "integer"},
@@ -65,12 +67,35 @@ _EFFECTIVE_PARAMS = {
 
 _LOAD = {
     "type": "object",
-    "required": ["processing", "waiting", "max_processing", "max_waiting"],
+    "required": ["processing", "waiting", "max_processing", "max_waiting", "models"],
     "properties": {
         "processing": {"type": "integer", "minimum": 0},
         "waiting": {"type": "integer", "minimum": 0},
         "max_processing": {"type": "integer", "minimum": 1},
         "max_waiting": {"type": "integer", "minimum": 0},
+        "models": {"type": "object", "additionalProperties": {"type": "object"}},
+    },
+}
+
+_MODELS = {
+    "type": "object",
+    "required": ["models", "default", "model"],
+    "properties": {
+        "models": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "state", "n_ctx"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "state": {"enum": ["unloaded", "loading", "loaded", "failed", "unloading"]},
+                    "n_ctx": {"type": "integer"},
+                    "error": {"type": "string"},
+                },
+            },
+        },
+        "default": {"type": "string"},
+        "model": {"type": "string"},
     },
 }
 
@@ -98,7 +123,7 @@ _PROMPT = {
                 "application/x-ndjson": {"schema": _NDJSON_LINE},
             },
         },
-        **error_responses(400, *_ROLES, 409, 413, 429, 500, 503),
+        **error_responses(400, *_ROLES, 404, 409, 413, 429, 500, 503),
     },
     dependencies=[Depends(require("chat_stream"))],
 )
@@ -124,7 +149,7 @@ async def clear_context(request: Request) -> Response:
 
 @router.get(
     "/get_prompt",
-    responses={200: json_ok(_PROMPT), **error_responses(*_ROLES, 503)},
+    responses={200: json_ok(_PROMPT), **error_responses(*_ROLES, 429, 503)},
     dependencies=[Depends(require("get_prompt"))],
 )
 async def get_prompt(request: Request) -> Response:
@@ -138,8 +163,18 @@ async def get_prompt(request: Request) -> Response:
     dependencies=[Depends(require("get_load"))],
 )
 async def get_load(request: Request) -> Response:
-    """Busy and waiting requests, and their limits."""
+    """Busy and waiting requests, and their limits: over every model, and per model."""
     return await chat_stream_of(request).handle_get_load_request(request)
+
+
+@router.get(
+    "/get_models",
+    responses={200: json_ok(_MODELS), **error_responses(*_ROLES, 503)},
+    dependencies=[Depends(require("get_models"))],
+)
+async def get_models(request: Request) -> Response:
+    """The configured models with their state, and this session's model."""
+    return await chat_stream_of(request).handle_get_models_request(request)
 
 
 @router.post(
@@ -147,12 +182,13 @@ async def get_load(request: Request) -> Response:
     openapi_extra=json_body(_PARAMS),
     responses={
         200: json_ok(_EFFECTIVE_PARAMS),
-        **error_responses(400, *_ROLES, 409, 413, 503),
+        **error_responses(400, *_ROLES, 404, 409, 413, 503),
     },
     dependencies=[Depends(require("set_generation_params"))],
 )
 async def set_generation_params(request: Request) -> Response:
-    """Set this session's temperature, top_p, top_k, repeat_penalty, max_new_tokens, seed."""
+    """Set this session's temperature, top_p, top_k, repeat_penalty, max_new_tokens, seed,
+    and model."""
     return await chat_stream_of(request).handle_set_generation_params_request(request)
 
 

@@ -15,10 +15,19 @@ router = APIRouter(route_class=NativeRoute)
 
 _HEALTH = {
     "type": "object",
-    "required": ["status", "model", "processing", "waiting", "max_processing", "max_waiting"],
+    "required": [
+        "status",
+        "model",
+        "models",
+        "processing",
+        "waiting",
+        "max_processing",
+        "max_waiting",
+    ],
     "properties": {
         "status": {"enum": ["ok", "loading", "draining"]},
         "model": {"type": ["string", "null"]},
+        "models": {"type": "object", "additionalProperties": {"type": "string"}},
         "processing": {"type": "integer", "minimum": 0},
         "waiting": {"type": "integer", "minimum": 0},
         "max_processing": {"type": "integer", "minimum": 1},
@@ -39,11 +48,13 @@ _HEALTH = {
     },
 )
 async def health(service: ServiceDep) -> JSONResponse:
-    """200 when serving; 503 while the model loads or the server drains; with slot figures."""
+    """200 when serving; 503 while the default model loads or the server drains; which
+    models are loaded, and slot figures."""
     serving = service.status == "ok"
     body = {
         "status": service.status,
         "model": service.pool.model_name if service.loaded else None,
+        "models": {m.name: m.state for m in service.models.models},
         **service.load(),
     }
     headers = {"Cache-Control": "no-store"}

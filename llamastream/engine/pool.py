@@ -7,6 +7,7 @@ import collections
 import logging
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -17,11 +18,13 @@ from llamastream.config import Settings
 from llamastream.engine.gpu import (
     MIB,
     DeviceMemory,
+    LayerFit,
     ModelShape,
     Offload,
     Placement,
     check_fits,
     check_kv_types,
+    fit_gpu_layers,
     gpu_devices,
     plan_placement,
     resolve_workers,
@@ -40,8 +43,10 @@ class WorkerPool:
         self.settings = settings
         self.model_path = Path(settings.model_path or "")
         self.n_slots = settings.num_of_concurrent_executions
+        # n_gpu_layers auto: planned at start, once the GPUs and the model's shape are known
+        self.auto_layers = settings.n_gpu_layers == "auto"
         self.offload = Offload(
-            n_gpu_layers=settings.n_gpu_layers,
+            n_gpu_layers=0 if settings.n_gpu_layers == "auto" else settings.n_gpu_layers,
             main_gpu=settings.main_gpu,
             tensor_split=tuple(settings.tensor_split) if settings.tensor_split else None,
             flash_attn=settings.flash_attn,
@@ -53,6 +58,7 @@ class WorkerPool:
         self.states: StateStore | None = None
         self.workers: list[Worker] = []
         self.placements: list[Placement] = []
+        self.layer_fit: LayerFit | None = None  # n_gpu_layers auto's choice, once planned
         # slot index → (worker, sequence within the worker)
         self._slot_place: list[tuple[Worker, int]] = []
         self._vocab: llama_cpp.Llama | None = None
@@ -70,19 +76,45 @@ class WorkerPool:
         Raises `GpuMemoryError` before loading any weights when the placement cannot fit; on
         any failure, what was loaded is freed again.
         """
+        await self.plan()
+        await self.launch()
+
+    async def plan(self) -> None:
+        """Read the model's tokenizer, template and shape, and plan the workers' placement,
+        loading no weights: `memory` then says what loading them will take. Freed again on a
+        failure (`GpuMemoryError` when the placement cannot fit)."""
         if self.settings.model_path is None:
             raise ValueError("model_path is not set")
+        try:
+            await self._plan()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def launch(self) -> None:
+        """Load the planned workers' weights and contexts; on a failure everything is freed."""
         started: list[Worker] = []
         try:
-            await self._start(started)
+            for worker in self.workers:  # one at a time: loads are serialized anyway
+                started.append(worker)
+                await asyncio.wrap_future(worker.start())
         except BaseException:
             await asyncio.gather(*(asyncio.to_thread(w.stop) for w in started))
             self.workers, self._slot_place = [], []
             self._close_vocab()
             self._close_states()
             raise
+        logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
 
-    async def _start(self, started: list[Worker]) -> None:
+    def memory(self) -> tuple[int, int]:
+        """What the planned workers take once loaded: (host bytes, GPU bytes), estimated
+        (the model file's size and the slots' KV cache when the GGUF has no shape)."""
+        if not self.placements:
+            return self.model_path.stat().st_size * max(len(self.workers), 1), 0
+        host = sum(p.host_bytes for p in self.placements)
+        return host, sum(p.gpu_bytes for p in self.placements)
+
+    async def _plan(self) -> None:
         self._vocab = await asyncio.to_thread(load_llama, str(self.model_path), vocab_only=True)
         meta = self._vocab.metadata
         self.metadata = dict(meta)
@@ -103,7 +135,9 @@ class WorkerPool:
         self._control = self._control_token_pattern()
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab._model.vocab)
         self.fingerprint = await asyncio.to_thread(model_fingerprint, self.model_path)
-        devices = await asyncio.to_thread(gpu_devices)
+        devices = self._budgeted(await asyncio.to_thread(gpu_devices))
+        if self.auto_layers:  # offload what fits (planned per worker in _place)
+            self.offload = replace(self.offload, n_gpu_layers=-1 if devices else 0)
         if self.settings.kv_state_bytes > 0:
             fingerprint = model_fingerprint(
                 self.model_path, self.offload.type_k, self.offload.type_v
@@ -115,10 +149,6 @@ class WorkerPool:
                 ram_bytes=self.settings.kv_state_ram_bytes,
             )
         self._build_workers(meta, devices)
-        for worker in self.workers:  # one at a time: loads are serialized anyway
-            started.append(worker)
-            await asyncio.wrap_future(worker.start())
-        logger.info("%d worker(s) ready on %s", len(self.workers), self.model_name)
 
     def _build_workers(self, meta: dict[str, str], devices: list[DeviceMemory]) -> None:
         """Split the slots over the workers, place each worker, log it, and refuse what cannot
@@ -129,6 +159,8 @@ class WorkerPool:
         shares = [
             self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
         ]
+        if self.auto_layers and devices:
+            offloads = self._fit_layers(meta, devices, offloads, shares, pinned)
         self.placements = self._place(meta, devices, offloads, shares, pinned)
         self.workers = [
             Worker(
@@ -146,6 +178,56 @@ class WorkerPool:
             for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
         ]
         self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
+
+    def _budgeted(self, devices: list[DeviceMemory]) -> list[DeviceMemory]:
+        """The GPUs with their free memory capped at ``device_memory_mib``; without a GPU,
+        that budget stands in for one, for n_gpu_layers auto's plan only."""
+        mib = self.settings.device_memory_mib
+        if mib is None:
+            return devices
+        budget = mib * MIB
+        if not devices:
+            if not self.auto_layers:
+                return []
+            return [DeviceMemory(0, "device_memory_mib (no GPU: planned only)", budget, budget)]
+        return [replace(d, free=min(d.free, budget), total=min(d.total, budget)) for d in devices]
+
+    def _fit_layers(
+        self,
+        meta: dict[str, str],
+        devices: list[DeviceMemory],
+        offloads: list[Offload],
+        shares: list[int],
+        pinned: bool,
+    ) -> list[Offload]:
+        """n_gpu_layers auto: each worker offloads the most layers that fit beside its slots'
+        KV cache (logged with what would fit more)."""
+        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
+        if shape is None:
+            logger.warning(
+                "%s: no layer shape in its metadata; all layers offloaded", self.model_name
+            )
+            return offloads
+        fitted = []
+        for i, (o, share) in enumerate(zip(offloads, shares, strict=True)):
+            on = [d for d in devices if d.index == o.main_gpu] if pinned else devices
+            fit = fit_gpu_layers(
+                i,
+                shape,
+                on,
+                n_slots=share,
+                n_ctx=self.settings.n_ctx,
+                type_k=o.type_k,
+                type_v=o.type_v,
+                offload_kqv=o.offload_kqv,
+                headroom_bytes=self.settings.gpu_headroom_mib * MIB,
+                split=None if pinned else o.tensor_split,
+            )
+            logger.info("%s: %s", self.model_name, fit.describe())
+            if i == 0:
+                self.layer_fit = fit
+            fitted.append(replace(o, n_gpu_layers=fit.layers))
+        return fitted
 
     def _offloads(self, devices: list[DeviceMemory]) -> tuple[list[Offload], bool]:
         """Each worker's offload parameters, and whether they are pinned one per GPU."""
@@ -213,6 +295,7 @@ class WorkerPool:
 
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+        self.workers, self._slot_place, self.placements = [], [], []
         self._close_vocab()
         self._close_states()
 

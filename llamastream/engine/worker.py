@@ -269,6 +269,8 @@ class Worker:
     def stop(self) -> None:
         """Finish the running jobs' current step, cancel them, and free the model."""
         self._stopping.set()
+        if self._thread.ident is None:  # planned, never started: nothing is loaded
+            return
         self._inbox.put(None)
         self._thread.join()
         if self._samplers is not None:

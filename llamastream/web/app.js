@@ -15,9 +15,14 @@
   const settingsToggle = document.getElementById("settings-toggle");
   const settingsStatus = document.getElementById("settings-status");
   const paramFields = ["temperature", "top_p", "max_new_tokens"];
+  const modelName = document.getElementById("model");
+  const modelChoice = document.getElementById("model-choice");
+  const modelPicker = document.getElementById("model-picker");
 
   let controller = null; // aborts the running request (or a pending retry)
   let retryTimer = null;
+  let modelsSeq = 0; // a model list older than the latest request or choice is dropped
+  let modelChange = null; // the pending choice of a model: a promise of whether it was saved
 
   function addMessage(role, text, partial, reasoning) {
     const div = document.createElement("div");
@@ -70,6 +75,7 @@
     sendButton.disabled = busy;
     regenerateButton.disabled = busy;
     clearButton.disabled = busy;
+    modelPicker.disabled = busy || modelChange !== null;
     stopButton.hidden = !busy;
     document.body.dataset.busy = busy ? "1" : "";
   }
@@ -99,13 +105,25 @@
     let reasoning = "";
     const summary = bubble.querySelector(".reasoning summary");
     try {
+      // A model just chosen applies to this turn: wait for it to be saved.
+      if (modelChange && !(await modelChange)) {
+        bubble.remove();
+        if (userBubble) userBubble.remove();
+        if (replaced) replaced.hidden = false;
+        if (!regenerate) input.value = userInput;
+        return;
+      }
       const response = await fetch("/chat_stream", {
         method: "POST",
         headers: { "content-type": "application/json", accept: "application/x-ndjson" },
         body: JSON.stringify(body),
         signal: controller.signal,
       });
-      if (response.status === 429 || response.status === 503) {
+      const error = response.ok ? null : await response.json().catch(function () { return {}; });
+      // A model that cannot be loaded is told, not retried (it says which and why).
+      const busy = response.status === 429 ||
+        (response.status === 503 && error.error !== "model_unavailable");
+      if (busy) {
         const wait = Math.max(1, parseInt(response.headers.get("Retry-After") || "1", 10));
         bubble.remove();
         if (userBubble) userBubble.remove();
@@ -118,7 +136,6 @@
         return; // stays busy: Stop cancels the retry
       }
       if (!response.ok) {
-        const error = await response.json().catch(function () { return {}; });
         bubble.remove();
         if (userBubble) userBubble.remove();
         if (replaced) replaced.hidden = false;
@@ -178,6 +195,7 @@
       if (!retryTimer) {
         controller = null;
         setBusy(false);
+        refreshModels(); // the turn may have loaded its model
       }
     }
   }
@@ -254,9 +272,72 @@
     });
   }
 
+  function optionText(model) {
+    return model.id + " — " + model.state;
+  }
+
+  // The model picker: every model with its state, the session's selected; hidden when there
+  // is only one model, so that page looks as it always has.
+  async function refreshModels() {
+    const seq = ++modelsSeq;
+    const response = await fetch("/get_models").catch(function () { return null; });
+    if (!response || !response.ok) return;
+    const data = await response.json();
+    if (seq !== modelsSeq || modelChange) return; // a newer list or a choice came since
+    const ids = data.models.map(function (m) { return m.id; });
+    const same = ids.length === modelPicker.options.length &&
+      ids.every(function (id, i) { return modelPicker.options[i].value === id; });
+    if (!same) {
+      // Only a changed list is rebuilt: an open drop-down keeps its options.
+      modelPicker.textContent = "";
+      for (const id of ids) {
+        const option = document.createElement("option");
+        option.value = id;
+        modelPicker.appendChild(option);
+      }
+    }
+    data.models.forEach(function (model, i) {
+      const option = modelPicker.options[i];
+      option.textContent = optionText(model);
+      option.title = model.error || "";
+    });
+    modelPicker.value = data.model;
+    modelChoice.hidden = ids.length < 2;
+    if (!modelChoice.hidden) modelName.textContent = ""; // the picker names the model
+  }
+
+  modelPicker.addEventListener("focus", refreshModels);
+  modelPicker.addEventListener("change", function () {
+    const chosen = modelPicker.value;
+    modelsSeq++; // a list fetched before this choice would select the old model again
+    showNotice("");
+    modelChange = (async function () {
+      try {
+        const response = await fetch("/set_generation_params", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ model: chosen }),
+        });
+        if (response.ok) return true;
+        const error = await response.json().catch(function () { return {}; });
+        showNotice(error.message || "Could not choose the model (" + response.status + ")");
+      } catch (error) {
+        showNotice("Connection lost: " + error.message);
+      }
+      return false;
+    })();
+    modelPicker.disabled = true;
+    modelChange.then(function () {
+      modelChange = null;
+      modelPicker.disabled = sendButton.disabled;
+      refreshModels(); // the states, and the session's model as the server has it
+    });
+  });
+
   fetch("/health").then(function (r) { return r.json(); }).then(function (health) {
-    document.getElementById("model").textContent = health.model || "";
+    if (modelChoice.hidden) modelName.textContent = health.model || "";
   }).catch(function () {});
   loadHistory();
   loadParams();
+  refreshModels();
 })();

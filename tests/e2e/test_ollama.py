@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,15 @@ def test_errors_in_ollamas_envelope(settings_kwargs: dict[str, Any]) -> None:
             with pytest.raises(ollama.ResponseError) as refused:
                 client.chat(model="tiny", messages=HELLO, options=options)
             assert refused.value.status_code == 400 and refused.value.error.startswith(field)
-        with pytest.raises(ollama.ResponseError) as unload:
-            client.generate(model="tiny", prompt="x", keep_alive=0)
-        assert unload.value.error.startswith("keep_alive")
+        # keep_alive 0: the reply, then the model unloads (the next request loads it again).
+        assert client.generate(model="tiny", prompt="x", keep_alive=0, options=GREEDY).done
+        deadline = time.monotonic() + 5
+        while client.ps().models and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.ps().models == []
+        with pytest.raises(ollama.ResponseError) as bad_keep_alive:
+            client.generate(model="tiny", prompt="x", keep_alive="soon")
+        assert bad_keep_alive.value.error.startswith("keep_alive")
         kept = client.generate(model="tiny", prompt="x", keep_alive="10m", options=GREEDY)
         assert kept.done
         for think in (True, "low"):

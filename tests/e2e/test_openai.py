@@ -152,7 +152,7 @@ def test_models_list(settings_kwargs: dict[str, Any], tiny_model: Path) -> None:
     with api(settings_kwargs) as (client, _):
         models = client.models.list().data
         assert [m.id for m in models] == [tiny_model.stem]
-        assert models[0].model_extra == {"context_length": 512}
+        assert models[0].model_extra == {"context_length": 512, "state": "loaded"}
 
 
 def test_sdk_errors(settings_kwargs: dict[str, Any]) -> None:

@@ -164,6 +164,9 @@ def test_generation_params_are_bound(browser: Any, settings_kwargs: dict[str, An
     with page_on(browser, settings_kwargs) as page:
         page.click("#settings-toggle")
         page.wait_for_function("document.getElementById('temperature').value !== ''")
+        # One model: its picker stays hidden, so the page looks as it always has.
+        page.wait_for_function("document.getElementById('model-picker').options.length === 1")
+        assert page.is_hidden("#model-choice")
         page.fill("#temperature", "0.25")
         page.dispatch_event("#temperature", "change")
         page.wait_for_function("document.getElementById('settings-status').textContent === 'Saved'")
@@ -173,6 +176,123 @@ def test_generation_params_are_bound(browser: Any, settings_kwargs: dict[str, An
         page.dispatch_event("#max_new_tokens", "change")
         page.wait_for_function("document.getElementById('settings-status').textContent !== 'Saved'")
         assert "max_new_tokens" in page.inner_text("#settings-status")
+
+
+def test_model_picker_chooses_the_sessions_model(
+    browser: Any, settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    second = write_tiny_gguf(tmp_path / "second.gguf", n_embd=64, n_layer=2, seed=7)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 60)  # found, but not a model
+    options = (
+        "() => [...document.querySelectorAll('#model-picker option')]"
+        ".map(o => [o.value, o.textContent, o.selected])"
+    )
+    models = "fetch('/get_models').then(r => r.json())"
+    with page_on(
+        browser,
+        settings_kwargs,
+        max_new_tokens=16,
+        models=[
+            {"name": "second", "model_path": str(second)},
+            {"name": "broken", "model_path": str(broken)},
+        ],
+    ) as page:
+        page.wait_for_selector("#model-picker option[value=second]", state="attached")
+        assert page.is_visible("#model-choice")
+        assert page.evaluate(
+            "() => { const s = document.getElementById('model-picker');"
+            " return s.labels.length === 1 && s.labels[0].textContent.includes('Model'); }"
+        )
+        default = page.evaluate(models)["default"]
+        assert page.evaluate(options) == [
+            [default, f"{default} — loaded", True],
+            ["second", "second — unloaded", False],
+            ["broken", "broken — unloaded", False],
+        ]
+
+        page.select_option("#model-picker", "second")
+        eventually(lambda: page.evaluate(models)["model"] == "second")
+        # The picker is disabled while the turn runs, as the other controls are.
+        page.evaluate(
+            """() => { window.pickerWhileBusy = [];
+                new MutationObserver(() => { if (document.body.dataset.busy)
+                    window.pickerWhileBusy.push(document.getElementById('model-picker').disabled);
+                }).observe(document.body, {attributes: true, attributeFilter: ['data-busy']}); }"""
+        )
+        send(page, "hello, second model")
+        wait_reply_done(page)
+        assert page.evaluate("window.pickerWhileBusy") == [True]
+        assert page.is_enabled("#model-picker")
+        assert page.locator("#notice").is_hidden()
+        history = stored(page)
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        assert bubbles(page) == [(m["role"], m["content"]) for m in history]
+
+        # The list is refreshed after the turn: the turn loaded "second".
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#model-picker option')]"
+            ".some(o => o.value === 'second' && o.textContent === 'second — loaded')"
+        )
+        assert page.evaluate(options) == [
+            [default, f"{default} — loaded", False],
+            ["second", "second — loaded", True],
+            ["broken", "broken — unloaded", False],
+        ]
+
+        # A refused choice is told in the notice, and the picker shows the session's model.
+        page.evaluate(
+            """() => { const o = document.createElement('option');
+                o.value = 'nope'; o.textContent = 'nope';
+                document.getElementById('model-picker').appendChild(o); }"""
+        )
+        page.select_option("#model-picker", "nope")
+        page.wait_for_selector("#notice:not([hidden])")
+        assert "nope" in page.inner_text("#notice")
+        page.wait_for_function("document.getElementById('model-picker').value === 'second'")
+
+        # A model that cannot be loaded: its error is told, not retried as "busy".
+        page.select_option("#model-picker", "broken")
+        eventually(lambda: page.evaluate(models)["model"] == "broken")
+        send(page, "anyone there?")
+        page.wait_for_function("document.body.dataset.busy === ''")
+        assert "broken" in page.inner_text("#notice")
+        assert "busy" not in page.inner_text("#notice")
+        assert page.input_value("#input") == "anyone there?"
+        assert len(bubbles(page)) == 2
+        page.wait_for_selector("#model-picker option[value=broken]", state="attached")
+        page.wait_for_function(
+            "document.querySelector('#model-picker option[value=broken]').textContent"
+            " === 'broken — failed'"
+        )
+        page.select_option("#model-picker", "second")
+        eventually(lambda: page.evaluate(models)["model"] == "second")
+
+        page.reload()
+        page.wait_for_selector("#model-picker option[value=second]", state="attached")
+        page.wait_for_function("document.getElementById('model-picker').value === 'second'")
+        assert page.evaluate(options)[1:] == [
+            ["second", "second — loaded", True],
+            ["broken", "broken — failed", False],
+        ]
+        # Focusing the picker refreshes it.
+        page.evaluate("document.querySelector('#model-picker option').textContent = 'stale'")
+        page.focus("#model-picker")
+        page.wait_for_function(
+            "document.querySelector('#model-picker option').textContent !== 'stale'"
+        )
+        data = page.evaluate(models)
+        assert data["model"] == "second"
+        assert {m["id"]: m["state"] for m in data["models"]} == {
+            default: "loaded",
+            "second": "loaded",
+            "broken": "failed",
+        }
+        page.set_viewport_size({"width": 375, "height": 700})
+        for selector in ("#model-picker", "#settings-toggle"):
+            box = page.locator(selector).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
 
 def test_markdown_cannot_inject_html(browser: Any, settings_kwargs: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from llamastream.api.errors import AnthropicRoute, invalid_from_validation, rena
 from llamastream.api.openai.models import ChatCompletionRequest
 from llamastream.api.openai.routes import OTHER_V1_ROUTES, prepare_chat, sampling_for
 from llamastream.api.openapi import ANTHROPIC_ERROR_SCHEMA, error_responses, model_body
-from llamastream.errors import ModelNotFoundError
 from llamastream.service import Service
 from llamastream.streaming import Run
 
@@ -68,30 +67,31 @@ async def messages(request: Request, service: ServiceDep) -> Response:
     req = await _request(request, service, MessagesRequest)
     thinks = isinstance(req.thinking, ThinkingEnabled) and req.thinking.budget_tokens > 0
     chat = _chat(req)
-    with renaming(_FIELDS):
-        wants = "thinking" if thinks else None
-        text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
-        tokens = await service.tokenize(text)
-        params = sampling_for(service, chat, tokens, tool_use, thinking)
-    params = params.updated(stop=tuple(req.stop_sequences or ()) or None)
-    ticket = service.admit(tokens)
-    split = service.settings.reasoning_format == "auto"
-    framing = AnthropicFraming(
-        req.model,
-        stream=req.stream,
-        tools=tool_use.format.parser() if tool_use is not None else None,
-        reasoning=thinking.splitter() if thinking is not None and split else None,
-    )
-    run = Run(
-        request,
-        tokens,
-        params,
-        ticket,
-        framing,
-        service.callback,
-        cache_key=chat.conversation_key(),
-    )
-    return service.respond(run)
+    async with service.use(req.model) as model:
+        with renaming(_FIELDS):
+            wants = "thinking" if thinks else None
+            text, tool_use, thinking = prepare_chat(model, chat, wants_thinking=wants)
+            tokens = await model.tokenize(text)
+            params = sampling_for(model, chat, tokens, tool_use, thinking)
+        params = params.updated(stop=tuple(req.stop_sequences or ()) or None)
+        ticket = model.admit(tokens)
+        split = model.settings.reasoning_format == "auto"
+        framing = AnthropicFraming(
+            req.model,
+            stream=req.stream,
+            tools=tool_use.format.parser() if tool_use is not None else None,
+            reasoning=thinking.splitter() if thinking is not None and split else None,
+        )
+        run = Run(
+            request,
+            tokens,
+            params,
+            ticket,
+            framing,
+            service.callback,
+            cache_key=chat.conversation_key(),
+        )
+        return model.respond(run)
 
 
 @router.post(
@@ -117,9 +117,10 @@ async def count_tokens(request: Request, service: ServiceDep) -> Response:
     """The prompt tokens a Messages request with these messages, system and tools reads."""
     req = await _request(request, service, CountTokensRequest)
     chat = _chat(req.as_messages())
-    with renaming(_FIELDS):
-        text, _, _ = prepare_chat(service, chat)
-    tokens = await service.tokenize(text)
+    async with service.use(req.model) as model:
+        with renaming(_FIELDS):
+            text, _, _ = prepare_chat(model, chat)
+        tokens = await model.tokenize(text)
     return JSONResponse({"input_tokens": len(tokens)})
 
 
@@ -128,12 +129,7 @@ async def _request(
 ) -> Any:
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, model)
-    if req.model not in service.model_names:
-        raise ModelNotFoundError(
-            f"model: {req.model!r} does not exist; this server runs {service.model_id!r} "
-            "(more names: the model_aliases setting)",
-            field="model",
-        )
+    service.models.get(req.model)  # 404 before anything else for an unknown model
     return req
 
 

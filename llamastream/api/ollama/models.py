@@ -80,8 +80,11 @@ class _Generating(_Strict):
     think: Think | None = None
     keep_alive: KeepAlive | None = None
 
-    def check_keep_alive(self) -> None:
-        _check_keep_alive(self.keep_alive)
+    def keep_alive_s(self) -> float | None:
+        """The keep-alive asked for in seconds (-1: forever), or None."""
+        if self.keep_alive is None:
+            return None
+        return max(_seconds(self.keep_alive), -1.0)
 
     def chat_body(self, messages: list[dict[str, Any]], n_ctx: int) -> dict[str, Any]:
         """The fields a chat-completions request takes from these options."""
@@ -234,10 +237,10 @@ class ShowRequest(_Strict):
 
 
 def _check_keep_alive(keep_alive: KeepAlive | None) -> None:
-    """Any keep-alive is kept (the model stays loaded) but 0, which asks to unload now."""
+    """Embeddings come from a model that stays loaded: any keep-alive but 0 (unload now)."""
     if keep_alive is not None and _seconds(keep_alive) == 0:
         raise InvalidRequestError(
-            "keep_alive: this server keeps its model loaded; 0 (unload now) is refused",
+            "keep_alive: the embedding model stays loaded; 0 (unload now) is refused",
             field="keep_alive",
         )
 

@@ -29,6 +29,7 @@ from llamastream.api.openai.models import ChatCompletionRequest
 from llamastream.api.openai.routes import prepare_chat, sampling_for
 from llamastream.api.openapi import error_responses, json_ok, model_body
 from llamastream.errors import InvalidRequestError, ModelNotFoundError
+from llamastream.registry import ServedModel
 from llamastream.service import Service
 from llamastream.streaming import Run
 
@@ -79,54 +80,78 @@ async def version() -> Response:
 
 @_routes.get("/tags", responses={200: json_ok(_OBJECT), **_errors(401, 403, 503)})
 async def tags(service: ServiceDep) -> Response:
-    """The served model (and the embedding model, if another)."""
+    """Every configured model (and the embedding model, if another), loaded or not."""
     service.check_ready()
     return JSONResponse({"models": _models(service)})
 
 
 @_routes.get("/ps", responses={200: json_ok(_OBJECT), **_errors(401, 403, 503)})
 async def ps(service: ServiceDep) -> Response:
-    """The loaded models: every served model stays loaded."""
+    """The loaded models, with their memory and when their keep-alive runs out."""
     service.check_ready()
-    forever = "2318-01-01T00:00:00Z"  # no keep-alive expiry: loaded until the server stops
-    models = [
-        {**m, "expires_at": forever, "size_vram": 0, "context_length": service.settings.n_ctx}
-        for m in _models(service)
-    ]
+    models = []
+    for model in service.models.models:
+        if not model.loaded:
+            continue
+        host, gpu = model.memory
+        models.append(
+            {
+                **_entry(model),
+                "size": host + gpu,
+                "size_vram": gpu,
+                "expires_at": _expires(model.keep_alive_s, model.last_used, model.busy()),
+                "context_length": model.settings.n_ctx,
+            }
+        )
+    forever = _expires(-1, 0, False)
+    embedding = [e for e in _models(service)[len(service.models.models) :]]
+    models += [{**e, "expires_at": forever, "size_vram": 0} for e in embedding]
     return JSONResponse({"models": models})
 
 
 @_routes.post(
     "/show",
     openapi_extra=model_body(ShowRequest),
-    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 503)},
+    responses={200: json_ok(_OBJECT), **_errors(400, 401, 403, 404, 429, 503)},
 )
 async def show(request: Request, service: ServiceDep) -> Response:
     """The model's template, details, metadata and capabilities."""
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, ShowRequest)
-    name = _model_name(service, req.model or req.name, embeddings=True)
-    pool = service.pool
-    capabilities = ["completion", "tools"]
-    if service.thinking("") is not None:
-        capabilities.append("thinking")
-    if service.embedder is not None:
-        capabilities.append("embedding")
-    # The vocabulary's long lists only with verbose, as Ollama does.
-    info = {
-        k: v for k, v in pool.metadata.items() if req.verbose or not k.startswith("tokenizer.ggml.")
-    }
-    return JSONResponse(
-        {
-            "modelfile": f"FROM {pool.model_path}\n",
-            "parameters": "",
-            "template": pool.template.source,
-            "details": _details(service),
-            "model_info": {**info, "llamastream.n_ctx": service.settings.n_ctx, "model": name},
-            "capabilities": capabilities,
-            "modified_at": _modified(pool.model_path.stat().st_mtime),
+    name = req.model or req.name
+    base = name.removesuffix(":latest")
+    if base == service.embedding_model_id and base not in service.models.by_name:
+        # an embedding model of its own (embedding_model_path)
+        return JSONResponse(
+            {
+                "details": {"format": "gguf", "family": "", "families": []},
+                "capabilities": ["embedding"],
+            }
+        )
+    async with service.use(_model_name(service, name)) as model:
+        pool = model.pool
+        capabilities = ["completion", "tools"]
+        if model.thinking("") is not None:
+            capabilities.append("thinking")
+        if service.embedder is not None and base == service.embedding_model_id:
+            capabilities.append("embedding")
+        # The vocabulary's long lists only with verbose, as Ollama does.
+        info = {
+            k: v
+            for k, v in pool.metadata.items()
+            if req.verbose or not k.startswith("tokenizer.ggml.")
         }
-    )
+        return JSONResponse(
+            {
+                "modelfile": f"FROM {pool.model_path}\n",
+                "parameters": "",
+                "template": pool.template.source,
+                "details": _details(model),
+                "model_info": {**info, "llamastream.n_ctx": model.settings.n_ctx, "model": name},
+                "capabilities": capabilities,
+                "modified_at": _modified(pool.model_path.stat().st_mtime),
+            }
+        )
 
 
 @_routes.post(
@@ -137,13 +162,14 @@ async def show(request: Request, service: ServiceDep) -> Response:
 async def chat(request: Request, service: ServiceDep) -> Response:
     """Chat, streamed as NDJSON unless ``stream: false``."""
     req = await _request(request, service, ChatRequest)
-    if not req.messages:  # a client loading the model: it is loaded
-        return _loaded(req, "chat")
-    try:
-        body = req.chat_request(service.settings.n_ctx)
-    except ValidationError as exc:
-        raise renamed(invalid_from_validation(exc), _FIELDS) from None
-    return await _run(request, service, req, "chat", body, None)
+    if not req.messages:  # a client loading (or, keep_alive 0, unloading) the model
+        return await _load(service, req, "chat")
+    async with service.use(_model_name(service, req.model), req.keep_alive_s()) as model:
+        try:
+            body = req.chat_request(model.settings.n_ctx)
+        except ValidationError as exc:
+            raise renamed(invalid_from_validation(exc), _FIELDS) from None
+        return await _run(request, service, model, req, "chat", body, None)
 
 
 @_routes.post(
@@ -155,14 +181,18 @@ async def generate(request: Request, service: ServiceDep) -> Response:
     """A completion of ``prompt`` (through the chat template unless ``raw``)."""
     req = await _request(request, service, GenerateRequest)
     if not req.prompt:
-        return _loaded(req, "generate")
+        return await _load(service, req, "generate")
     messages = [{"role": "system", "content": req.system}] if req.system else []
     messages.append({"role": "user", "content": req.prompt})
-    try:
-        body = ChatCompletionRequest.model_validate(req.chat_body(messages, service.settings.n_ctx))
-    except ValidationError as exc:
-        raise renamed(invalid_from_validation(exc), _FIELDS) from None
-    return await _run(request, service, req, "generate", body, req.prompt if req.raw else None)
+    async with service.use(_model_name(service, req.model), req.keep_alive_s()) as model:
+        try:
+            body = ChatCompletionRequest.model_validate(
+                req.chat_body(messages, model.settings.n_ctx)
+            )
+        except ValidationError as exc:
+            raise renamed(invalid_from_validation(exc), _FIELDS) from None
+        raw = req.prompt if req.raw else None
+        return await _run(request, service, model, req, "generate", body, raw)
 
 
 @_routes.post(
@@ -200,21 +230,22 @@ async def _request(request: Request, service: Service, model: type[RequestT]) ->
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, model)
     if isinstance(req, _Generating):
-        req.model = _model_name(service, req.model)
-        req.check_keep_alive()
+        _model_name(service, req.model)  # 404 before anything else
+        req.keep_alive_s()  # 400 for a keep_alive that is no duration
     return req
 
 
 async def _run(
     request: Request,
     service: Service,
+    model: ServedModel,
     req: ChatRequest | GenerateRequest,
     kind: Kind,
     chat: ChatCompletionRequest,
     raw: str | None,
 ) -> Response:
     try:
-        text, tool_use, thinking = prepare_chat(service, chat)
+        text, tool_use, thinking = prepare_chat(model, chat)
     except InvalidRequestError as exc:
         raise renamed(exc, _FIELDS) from None
     if req.think not in (None, False) and thinking is None:
@@ -224,16 +255,16 @@ async def _run(
         )
     if raw is not None:
         text, thinking = raw, None
-    tokens = await service.tokenize(text)
-    limit = service.settings.reply_limit()
+    tokens = await model.tokenize(text)
+    limit = model.settings.reply_limit()
     try:
-        params = sampling_for(service, chat, tokens, tool_use, thinking)
+        params = sampling_for(model, chat, tokens, tool_use, thinking)
     except InvalidRequestError as exc:
         raise renamed(exc, _FIELDS) from None
     params = params.updated(**req.sampling_overrides())
     if req.unlimited:  # num_predict -1: as long as the context allows
-        params = params.updated(max_new_tokens=min(limit, service.settings.n_ctx - len(tokens)))
-    ticket = service.admit(tokens)
+        params = params.updated(max_new_tokens=min(limit, model.settings.n_ctx - len(tokens)))
+    ticket = model.admit(tokens)
     framing = OllamaFraming(
         kind,
         req.model,
@@ -243,49 +274,67 @@ async def _run(
         # think false: no thinking (the closing tag written for the model is no part of it);
         # reasoning_format none: the reasoning stays in the reply's text
         show_thinking=req.think is not False,
-        apart=service.settings.reasoning_format == "auto",
+        apart=model.settings.reasoning_format == "auto",
     )
     key = chat.conversation_key() if kind == "chat" else None
     run = Run(request, tokens, params, ticket, framing, service.callback, cache_key=key)
-    return service.respond(run)
+    return model.respond(run)
 
 
-def _loaded(req: _Generating, kind: Kind) -> Response:
-    """The answer to an empty request, Ollama's way of loading a model."""
+async def _load(service: Service, req: _Generating, kind: Kind) -> Response:
+    """The answer to an empty request, Ollama's way of loading a model (or with keep_alive
+    0, of unloading it)."""
+    name = _model_name(service, req.model)
+    keep = req.keep_alive_s()
     last: dict[str, Any] = {"model": req.model, "created_at": now()}
     if kind == "chat":
         last["message"] = {"role": "assistant", "content": ""}
     else:
         last["response"] = ""
+    if keep == 0:
+        model = service.models.get(name)
+        model.keep_alive_s = 0  # unloaded now if idle, else as soon as it is
+        await service.models.unload(model)
+        return JSONResponse({**last, "done": True, "done_reason": "unload"})
+    async with service.use(name, keep):
+        pass
     return JSONResponse({**last, "done": True, "done_reason": "load"})
 
 
-def _model_name(service: Service, given: str, *, embeddings: bool = False) -> str:
-    """The served model a request names (``name`` or ``name:latest``); 404 otherwise."""
+def _model_name(service: Service, given: str) -> str:
+    """The configured model a request names (``name`` or ``name:latest``); 404 otherwise."""
     base = given.removesuffix(":latest")
-    names = set(service.model_names)
-    if embeddings and service.embedding_model_id is not None:
-        names.add(service.embedding_model_id)
-    if base not in names:
+    if base not in service.models.by_name:
+        known = ", ".join(repr(m.name) for m in service.models.models)
         raise ModelNotFoundError(
-            f"model {given!r} not found; this server runs {service.model_id!r}", field="model"
+            f"model {given!r} not found; this server serves {known}", field="model"
         )
-    return given
+    return base
+
+
+def _entry(model: ServedModel) -> dict[str, Any]:
+    path = model.settings.model_path
+    stat = path.stat() if path is not None and path.is_file() else None
+    return {
+        "name": f"{model.model_id}:latest",
+        "model": f"{model.model_id}:latest",
+        "modified_at": _modified(stat.st_mtime if stat else 0),
+        "size": stat.st_size if stat else 0,
+        "digest": hashlib.sha256(f"{path}:{stat.st_mtime if stat else 0}".encode()).hexdigest(),
+        "details": _details(model),
+    }
+
+
+def _expires(keep_alive_s: float, last_used: float, busy: bool) -> str:
+    """When an idle model's keep-alive runs out, as Ollama writes it (far ahead: never)."""
+    if keep_alive_s < 0:
+        return "2318-01-01T00:00:00Z"
+    left = keep_alive_s if busy else max(0.0, last_used + keep_alive_s - time.monotonic())
+    return _modified(time.time() + left)
 
 
 def _models(service: Service) -> list[dict[str, Any]]:
-    pool = service.pool
-    stat = pool.model_path.stat()
-    entries = [
-        {
-            "name": f"{service.model_id}:latest",
-            "model": f"{service.model_id}:latest",
-            "modified_at": _modified(stat.st_mtime),
-            "size": stat.st_size,
-            "digest": hashlib.sha256(pool.fingerprint.encode()).hexdigest(),
-            "details": _details(service),
-        }
-    ]
+    entries = [_entry(m) for m in service.models.models]
     embedder, embedding_id = service.embedder, service.embedding_model_id
     if embedder is not None and embedding_id is not None and embedding_id != service.model_id:
         estat = embedder.model_path.stat()
@@ -302,8 +351,8 @@ def _models(service: Service) -> list[dict[str, Any]]:
     return entries
 
 
-def _details(service: Service) -> dict[str, Any]:
-    meta = service.pool.metadata
+def _details(model: ServedModel) -> dict[str, Any]:
+    meta = model.pool.metadata  # empty until the model is first loaded
     arch = meta.get("general.architecture", "")
     file_type = meta.get("general.file_type")
     level = _FILE_TYPES.get(int(file_type), str(file_type)) if file_type is not None else ""

@@ -31,6 +31,7 @@ from llamastream.api.openapi import OPENAI_ERROR_SCHEMA, error_responses, model_
 from llamastream.chat.reasoning import Thinking
 from llamastream.engine.sampling import SamplingParams
 from llamastream.errors import InvalidRequestError, ModelNotFoundError, RouteNotFoundError
+from llamastream.registry import ServedModel
 from llamastream.service import Service
 from llamastream.streaming import Run
 
@@ -130,16 +131,10 @@ _COMPLETION_RESPONSES: dict[int | str, Any] = {
     },
 )
 async def list_models(service: ServiceDep) -> Response:
-    """The model this server runs."""
+    """Every configured model, with its state (loaded, loading, unloaded, failed) and
+    context length; the default first."""
     service.check_ready()
-    entry = {
-        "id": service.model_id,
-        "object": "model",
-        "created": int(service.pool.model_path.stat().st_mtime),
-        "owned_by": "llamastream",
-        "context_length": service.settings.n_ctx,
-    }
-    entries = [entry]
+    entries = [model_entry(m) for m in service.models.models]
     embedder, embedding_id = service.embedder, service.embedding_model_id
     if embedder is not None and embedding_id is not None and embedding_id != service.model_id:
         entries.append(
@@ -149,9 +144,24 @@ async def list_models(service: ServiceDep) -> Response:
                 "created": int(embedder.model_path.stat().st_mtime),
                 "owned_by": "llamastream",
                 "context_length": embedder.n_ctx,
+                "state": "loaded",
             }
         )
     return JSONResponse({"object": "list", "data": entries})
+
+
+def model_entry(model: ServedModel) -> dict[str, Any]:
+    """A configured model as /v1/models lists it."""
+    path = model.settings.model_path
+    created = int(path.stat().st_mtime) if path is not None and path.is_file() else 0
+    return {
+        "id": model.model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "llamastream",
+        "context_length": model.settings.n_ctx,
+        "state": model.state,
+    }
 
 
 @_routes.post(
@@ -162,11 +172,21 @@ async def list_models(service: ServiceDep) -> Response:
 async def chat_completions(request: Request, service: ServiceDep) -> Response:
     """Chat: ``messages`` rendered with the model's template; streamed as SSE when asked."""
     req = await _request(request, service, ChatCompletionRequest)
-    text, tool_use, thinking = prepare_chat(service, req)
-    split = (req.reasoning_format or service.settings.reasoning_format) == "auto"
-    return await _complete(
-        request, service, req, "chat", [text], req.conversation_key(), tool_use, thinking, split
-    )
+    async with service.use(req.model) as model:
+        text, tool_use, thinking = prepare_chat(model, req)
+        split = (req.reasoning_format or model.settings.reasoning_format) == "auto"
+        return await _complete(
+            request,
+            service,
+            model,
+            req,
+            "chat",
+            [text],
+            req.conversation_key(),
+            tool_use,
+            thinking,
+            split,
+        )
 
 
 @_routes.post(
@@ -175,7 +195,8 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
 async def completions(request: Request, service: ServiceDep) -> Response:
     """Plain completion of ``prompt`` (special tokens in it are honoured)."""
     req = await _request(request, service, CompletionRequest)
-    return await _complete(request, service, req, "text", req.prompts(), None)
+    async with service.use(req.model) as model:
+        return await _complete(request, service, model, req, "text", req.prompts(), None)
 
 
 @_routes.post(
@@ -244,34 +265,35 @@ async def responses(request: Request, service: ServiceDep) -> Response:
     """OpenAI's Responses API, stateless: ``input`` items in, output items back."""
     req = await _request(request, service, ResponsesRequest)
     effort = req.reasoning.effort if req.reasoning else None
-    with renaming(_RESPONSES_FIELDS):
-        chat = req.chat_request()
-        wants = "reasoning.effort" if effort not in (None, "none", "minimal") else None
-        text, tool_use, thinking = prepare_chat(service, chat, wants_thinking=wants)
-        tokens = await service.tokenize(text)
-        params = sampling_for(service, chat, tokens, tool_use, thinking)
-    ticket = service.admit(tokens)
-    split = service.settings.reasoning_format == "auto"
-    framing = ResponsesFraming(
-        req,
-        service.model_id,
-        tools=tool_use.format.parser() if tool_use is not None else None,
-        reasoning=thinking.splitter() if thinking is not None and split else None,
-    )
-    run = Run(
-        request,
-        tokens,
-        params,
-        ticket,
-        framing,
-        service.callback,
-        cache_key=chat.conversation_key(),
-    )
-    return service.respond(run)
+    async with service.use(req.model) as model:
+        with renaming(_RESPONSES_FIELDS):
+            chat = req.chat_request()
+            wants = "reasoning.effort" if effort not in (None, "none", "minimal") else None
+            text, tool_use, thinking = prepare_chat(model, chat, wants_thinking=wants)
+            tokens = await model.tokenize(text)
+            params = sampling_for(model, chat, tokens, tool_use, thinking)
+        ticket = model.admit(tokens)
+        split = model.settings.reasoning_format == "auto"
+        framing = ResponsesFraming(
+            req,
+            model.model_id,
+            tools=tool_use.format.parser() if tool_use is not None else None,
+            reasoning=thinking.splitter() if thinking is not None and split else None,
+        )
+        run = Run(
+            request,
+            tokens,
+            params,
+            ticket,
+            framing,
+            service.callback,
+            cache_key=chat.conversation_key(),
+        )
+        return model.respond(run)
 
 
 def sampling_for(
-    service: Service,
+    service: ServedModel,
     req: ChatCompletionRequest | CompletionRequest,
     tokens: list[int],
     tool_use: ToolUse | None = None,
@@ -293,7 +315,7 @@ def sampling_for(
 
 
 def prepare_chat(
-    service: Service, req: ChatCompletionRequest, *, wants_thinking: str | None = None
+    service: ServedModel, req: ChatCompletionRequest, *, wants_thinking: str | None = None
 ) -> tuple[str, ToolUse | None, Thinking | None]:
     """A chat request's prompt text (the model's template, the server's system prompt, the
     tools offered), its tool use, and how the model thinks in its reply; a request that asks
@@ -319,17 +341,14 @@ async def _request(request: Request, service: Service, model: type[RequestT]) ->
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, model)
     req.check_lengths(service.settings.max_input_chars)
-    if req.model is not None and req.model not in service.model_names:
-        raise ModelNotFoundError(
-            f"the model {req.model!r} does not exist; this server runs {service.model_id!r}",
-            field="model",
-        )
+    service.models.get(req.model)  # 404 before anything else for an unknown model
     return req
 
 
 async def _complete(
     request: Request,
     service: Service,
+    model: ServedModel,
     req: ChatCompletionRequest | CompletionRequest,
     kind: Kind,
     prompts: list[str | list[int]],
@@ -344,18 +363,17 @@ async def _complete(
     candidates: list[tuple[list[int], SamplingParams]] = []
     for i, prompt in enumerate(prompts):
         field = f"prompt.{i}" if many else "prompt"
-        tokens = await service.tokenize(prompt) if isinstance(prompt, str) else prompt
-        if not isinstance(prompt, str) and max(prompt) >= service.pool.n_vocab:
+        tokens = await model.tokenize(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, str) and max(prompt) >= model.pool.n_vocab:
             raise InvalidRequestError(
-                f"{field}: holds a token id outside the vocabulary (0 to "
-                f"{service.pool.n_vocab - 1})",
+                f"{field}: holds a token id outside the vocabulary (0 to {model.pool.n_vocab - 1})",
                 field=field,
             )
-        params = sampling_for(service, req, tokens, tool_use, thinking)
+        params = sampling_for(model, req, tokens, tool_use, thinking)
         for k in range(req.n):  # each candidate its own seed (a fixed one: seed, seed + 1...)
             seed = None if params.seed is None else (params.seed + k) % 2**32
             candidates.append((tokens, params.updated(seed=seed)))
-    slots = service.settings.num_of_concurrent_executions
+    slots = model.settings.num_of_concurrent_executions
     if len(candidates) > slots:
         raise InvalidRequestError(
             f"{'prompt x n' if many else 'n'}: {len(candidates)} candidates, and this server "
@@ -363,18 +381,18 @@ async def _complete(
             field="prompt" if many else "n",
         )
     first_tokens, first_params = candidates[0]
-    ticket = service.admit(first_tokens, count=len(candidates))
+    ticket = model.admit(first_tokens, count=len(candidates))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     framing = OpenAIFraming(
         kind,
-        service.model_id,
+        model.model_id,
         stream=req.stream,
         include_usage=include_usage,
         choices=len(candidates),
         tools=tool_use.format.parser if tool_use is not None else None,
         reasoning=thinking.splitter if thinking is not None and split else None,
         logprobs=first_params.logprobs is not None,
-        fingerprint=service.fingerprint,
+        fingerprint=model.fingerprint,
     )
     run = Run(
         request,
@@ -386,7 +404,7 @@ async def _complete(
         cache_key=cache_key,
         more=candidates[1:],
     )
-    return service.respond(run)
+    return model.respond(run)
 
 
 router.include_router(_routes)
