@@ -212,8 +212,9 @@ class ServedModel:
             entry["error"] = self.error
         return entry
 
-    async def _prepare(self) -> None:
-        """Resolve a preset's file (downloading it once) and plan the pool: nothing loaded."""
+    async def _prepare(self, reserved: dict[int, int]) -> None:
+        """Resolve a preset's file (downloading it once) and plan the pool beside the GPU
+        bytes other models hold (``reserved``): nothing loaded."""
         if self.settings.model_path is None and self.spec.preset is not None:
             from llamastream.download import fetch
 
@@ -223,8 +224,13 @@ class ServedModel:
         path = Path(self.settings.model_path or "")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such model file")
-        await self.pool.plan()
+        await self.pool.plan(reserved)
         self.memory = self.pool.memory()
+
+    def gpu_short(self) -> bool:
+        """Planned with fewer layers on the GPU than the model has (n_gpu_layers auto)."""
+        fit = self.pool.layer_fit
+        return fit is not None and fit.layers < fit.units
 
     async def _launch(self) -> None:
         try:
@@ -341,7 +347,7 @@ class ModelRegistry:
             async with self._load_lock:
                 model.state = "loading"
                 model.error = None
-                await model._prepare()
+                await self._plan_on_gpu(model)
                 try:
                     await self._make_room(model)
                     await model._launch()
@@ -376,6 +382,48 @@ class ModelRegistry:
             model.transition = None
 
     # memory
+
+    async def _plan_on_gpu(self, model: ServedModel) -> None:
+        """Plan ``model``; while it would not fit on the GPU whole (auto: fewer layers than it
+        has; a fixed layer count: `GpuMemoryError`) and idle models hold GPU memory, unload
+        the least recently used of them and plan again."""
+        while True:
+            error: GpuMemoryError | None = None
+            try:
+                await model._prepare(self.gpu_reserved(but=model))
+            except GpuMemoryError as exc:
+                error = exc
+            if error is None and not model.gpu_short():
+                return
+            holders = sorted(
+                (
+                    m
+                    for m in self.models
+                    if m is not model and m.loaded and not m.busy() and m.memory[1] > 0
+                ),
+                key=lambda m: m.last_used,
+            )
+            if not holders:
+                if error is not None:
+                    raise error
+                return  # as many layers as fit beside the busy models
+            logger.info(
+                "unloading idle model %s (least recently used) to put %s on the GPU",
+                holders[0].name,
+                model.name,
+            )
+            if error is None:
+                await model.pool.stop()
+            await self.unload(holders[0])
+
+    def gpu_reserved(self, but: ServedModel | None = None) -> dict[int, int]:
+        """GPU bytes per device the loaded models (other than ``but``) were planned to take."""
+        per: dict[int, int] = {}
+        for m in self.models:
+            if m is not but and m.state in ("loaded", "loading", "unloading"):
+                for device, size in m.pool.gpu_bytes().items():
+                    per[device] = per.get(device, 0) + size
+        return per
 
     def budget_bytes(self) -> float:
         """What the loaded models may take together: ``memory_budget_mib``, else unbounded

@@ -79,14 +79,18 @@ class WorkerPool:
         await self.plan()
         await self.launch()
 
-    async def plan(self) -> None:
+    async def plan(self, reserved: dict[int, int] | None = None) -> None:
         """Read the model's tokenizer, template and shape, and plan the workers' placement,
         loading no weights: `memory` then says what loading them will take. Freed again on a
-        failure (`GpuMemoryError` when the placement cannot fit)."""
+        failure (`GpuMemoryError` when the placement cannot fit).
+
+        ``reserved``: GPU bytes per device that other loaded models were planned to take,
+        counted against ``device_memory_mib`` (a card's own free memory already counts them).
+        """
         if self.settings.model_path is None:
             raise ValueError("model_path is not set")
         try:
-            await self._plan()
+            await self._plan(reserved or {})
         except BaseException:
             await self.stop()
             raise
@@ -114,7 +118,7 @@ class WorkerPool:
         host = sum(p.host_bytes for p in self.placements)
         return host, sum(p.gpu_bytes for p in self.placements)
 
-    async def _plan(self) -> None:
+    async def _plan(self, reserved: dict[int, int]) -> None:
         self._vocab = await asyncio.to_thread(load_llama, str(self.model_path), vocab_only=True)
         meta = self._vocab.metadata
         self.metadata = dict(meta)
@@ -135,7 +139,7 @@ class WorkerPool:
         self._control = self._control_token_pattern()
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab._model.vocab)
         self.fingerprint = await asyncio.to_thread(model_fingerprint, self.model_path)
-        devices = self._budgeted(await asyncio.to_thread(gpu_devices))
+        devices = self._budgeted(await asyncio.to_thread(gpu_devices), reserved)
         if self.auto_layers:  # offload what fits (planned per worker in _place)
             self.offload = replace(self.offload, n_gpu_layers=-1 if devices else 0)
         if self.settings.kv_state_bytes > 0:
@@ -179,9 +183,12 @@ class WorkerPool:
         ]
         self._slot_place = [(w, seq) for w in self.workers for seq in range(w.n_slots)]
 
-    def _budgeted(self, devices: list[DeviceMemory]) -> list[DeviceMemory]:
-        """The GPUs with their free memory capped at ``device_memory_mib``; without a GPU,
-        that budget stands in for one, for n_gpu_layers auto's plan only."""
+    def _budgeted(
+        self, devices: list[DeviceMemory], reserved: dict[int, int]
+    ) -> list[DeviceMemory]:
+        """The GPUs with their free memory capped at ``device_memory_mib`` less what other
+        models were planned to take there; without a GPU, that budget stands in for one, for
+        n_gpu_layers auto's plan only."""
         mib = self.settings.device_memory_mib
         if mib is None:
             return devices
@@ -189,8 +196,24 @@ class WorkerPool:
         if not devices:
             if not self.auto_layers:
                 return []
-            return [DeviceMemory(0, "device_memory_mib (no GPU: planned only)", budget, budget)]
-        return [replace(d, free=min(d.free, budget), total=min(d.total, budget)) for d in devices]
+            free = max(budget - reserved.get(0, 0), 0)
+            return [DeviceMemory(0, "device_memory_mib (no GPU: planned only)", free, budget)]
+        return [
+            replace(
+                d,
+                free=min(d.free, max(budget - reserved.get(d.index, 0), 0)),
+                total=min(d.total, budget),
+            )
+            for d in devices
+        ]
+
+    def gpu_bytes(self) -> dict[int, int]:
+        """GPU bytes per device the planned workers take."""
+        per: dict[int, int] = {}
+        for placement in self.placements:
+            for share in placement.shares:
+                per[share.device] = per.get(share.device, 0) + share.total
+        return per
 
     def _fit_layers(
         self,

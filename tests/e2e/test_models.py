@@ -618,3 +618,53 @@ def test_command_line_flags_take_models_as_json(shapes: dict[str, Path], tmp_pat
     assert settings.model_aliases == ["a", "b"] and settings.tensor_split == [3.0, 1.0]
     one = settings_from_args(build_parser().parse_args(["serve", "--n-gpu-layers", "12"]))
     assert one.n_gpu_layers == 12
+
+
+def test_idle_models_leave_the_gpu_to_a_model_that_would_not_fit_whole(
+    shapes: dict[str, Path], tmp_path: Path
+) -> None:
+    # A 10 MiB pretend card: small (~1 MiB) and mid (~7.6) fit on it together; big (~14.6)
+    # gets part of it, and more once idle models leave it.
+    models = [
+        {"name": "mid", "model_path": str(shapes["mid"])},
+        {"name": "big", "model_path": str(shapes["big"])},
+    ]
+    with (
+        served(shapes, tmp_path, models=models, device_memory_mib=10, gpu_headroom_mib=0) as live,
+        live.client() as client,
+    ):
+
+        def listing() -> dict[str, Any]:
+            entries = client.get("/admin/models", headers=ADMIN).json()["models"]
+            return {m["id"]: m for m in entries}
+
+        assert complete(client, "mid").status_code == 200
+        both = listing()
+        assert both["small"]["gpu_layers_chosen"] == 3 and both["mid"]["gpu_layers_chosen"] == 3
+        assert both["small"]["state"] == both["mid"]["state"] == "loaded"  # side by side
+
+        assert complete(client, "big").status_code == 200
+        after = listing()
+        # Both idle models left the card (least recently used first), so big got what a
+        # card to itself gives it.
+        assert after["small"]["state"] == after["mid"]["state"] == "unloaded"
+        alone = after["big"]["gpu_layers_chosen"]
+        client.post("/admin/models/unload", json={"model": "big"}, headers=ADMIN)
+        reloaded = client.post("/admin/models/load", json={"model": "big"}, headers=ADMIN)
+        assert {m["id"]: m for m in reloaded.json()["models"]}["big"]["gpu_layers_chosen"] == (
+            alone
+        )
+        assert 0 < alone < 5
+
+        # A busy model keeps its place on the card: big then gets what is left beside it.
+        client.post("/admin/models/unload", json={"model": "big"}, headers=ADMIN)
+        assert complete(client, "mid").status_code == 200
+        worker = live.app.state.service.models.get("mid").pool.workers[0]
+        with paused(worker):
+            held = asking(live, "mid", [])
+            eventually(lambda: client.get("/get_load").json()["models"]["mid"]["processing"])
+            assert complete(client, "big").status_code == 200
+            beside = listing()
+            assert beside["mid"]["state"] == "loaded"
+            assert beside["big"]["gpu_layers_chosen"] < alone
+        held.join(30)
