@@ -349,6 +349,11 @@ class Worker:
         self._refuse_waiting()
         for slot in list(self._active.values()):
             self._end(slot, self._finished(slot, "cancelled"))
+        if self._ctx is not None:
+            # The conversations under way keep their caches past a restart or an unload: the
+            # state store writes them to disk when it closes.
+            for seq in range(self.n_slots):
+                self._save_state(seq)
         if self._batch is not None:
             self._batch.close()
         if self._ctx is not None:

@@ -52,3 +52,39 @@ def test_a_conversation_back_on_a_taken_slot_resumes_its_saved_cache(
     assert none_restored == 0
     assert with_states == without  # and the reply is the same as reading it all again
     assert list((tmp_path / "a" / "kv-states").iterdir())
+
+
+@pytest.mark.slow
+def test_conversations_keep_their_caches_across_a_restart(smollm2: Path, tmp_path: Path) -> None:
+    """Stopping the server writes the caches still in its slots to disk; after the restart a
+    conversation's next turn restores its cache instead of reading its history again, and
+    says the same as a server that read it all again."""
+    base = {
+        "model_path": smollm2,
+        "num_of_concurrent_executions": 2,
+        "n_ctx": 2048,
+        "max_new_tokens": 24,
+        "temperature": 0.0,
+        "n_threads": 2,
+    }
+
+    def run(settings: dict[str, Any]) -> tuple[str, int, int]:
+        turns = [QUESTION, "Go on, briefly."]
+        with server(settings) as (live, _), live.client() as alice:
+            for text in turns:
+                assert chat(alice, user_input=text).status_code == 200
+            cookies = dict(alice.cookies)
+        with server(settings) as (live, app), live.client(cookies=cookies) as alice:
+            reply = chat(alice, user_input="And its food?")
+            assert reply.status_code == 200
+            assert len(alice.get("/get_prompt").json()["messages"]) == 6
+            worker = app.state.service.pool.workers[0]
+            return reply.text, worker.restored_tokens, worker.prompt_tokens
+
+    resumed, restored, read = run({**base, "session_dir": tmp_path / "a"})
+    again, none_restored, _ = run({**base, "session_dir": tmp_path / "b", "kv_state_bytes": 0})
+    # Both turns' history came back from disk: only the new turn (about a dozen tokens of
+    # "And its food?" in the template) was read.
+    assert restored > 100 and read - restored < 20
+    assert none_restored == 0
+    assert resumed == again
