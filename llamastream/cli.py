@@ -140,7 +140,7 @@ def serve(settings: Settings) -> None:
     from llamastream.api.app import create_app  # the engine loads only for `serve`
     from llamastream.download import fetch
 
-    if settings.model_path is None:
+    if settings.model_path is None and not settings.models and not settings.serve_models_dir:
         logger.info(
             "no model configured: fetching the default model %r into %s/ (first run only)",
             settings.default_model,
@@ -148,7 +148,10 @@ def serve(settings: Settings) -> None:
         )
         path = fetch(settings.default_model, settings.models_dir)
         settings = settings.model_copy(update={"model_path": path})
-    logger.info("serving %s on http://%s:%d", settings.model_path, settings.host, settings.port)
+    first = settings.model_path or (
+        settings.models[0].name if settings.models else settings.models_dir
+    )
+    logger.info("serving %s on http://%s:%d", first, settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

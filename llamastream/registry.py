@@ -29,7 +29,13 @@ from llamastream.engine.gpu import MIB, GpuMemoryError
 from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import SlotController, Ticket
-from llamastream.errors import ModelNotFoundError, ModelUnavailableError, QueueFullError
+from llamastream.engine.states import StateStore, model_fingerprint
+from llamastream.errors import (
+    LlamaStreamError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    QueueFullError,
+)
 from llamastream.metrics import Metrics
 from llamastream.streaming import Run, Runner, WatchedStreamResponse
 
@@ -37,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 State = Literal["unloaded", "loading", "loaded", "failed", "unloading"]
 _TICK_S = 0.25  # how often keep-alive expiry and memory waits are looked at
+_RETRY_FAILED_S = 5.0  # a load that failed for good is not tried again for this long
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ class ServedModel:
         self.loaded_for_s: float | None = None  # how long the last load took
         self.memory: tuple[int, int] = (0, 0)  # (host, GPU) bytes planned while loaded
         self.transition: asyncio.Task[None] | None = None  # a load or unload under way
+        self.failed_at = -math.inf  # when the last load failed
+        self.retry_after: int | None = None  # the last failure's Retry-After (None: permanent)
         self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
 
     # what the routes use
@@ -232,6 +241,19 @@ class ServedModel:
         fit = self.pool.layer_fit
         return fit is not None and fit.layers < fit.units
 
+    def discard_saved(self, key: str) -> None:
+        """Drop the conversation's KV cache saved on disk for this model while it is not
+        loaded (blocking: call it from a thread)."""
+        path = self.settings.model_path
+        if self.settings.kv_state_bytes <= 0 or path is None or not path.is_file():
+            return
+        fingerprint = model_fingerprint(path, self.settings.type_k, self.settings.type_v)
+        store = StateStore(self.settings.session_dir / "kv-states", fingerprint, ram_bytes=0)
+        try:
+            store.discard(key)
+        finally:
+            store.close()
+
     async def _launch(self) -> None:
         try:
             await self.pool.launch()
@@ -259,6 +281,7 @@ class ModelRegistry:
         self.by_name = {n: m for m in self.models for n in m.model_names}
         self._load_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self.closing = False  # set by stop(): no more loads
 
     @property
     def default(self) -> ServedModel:
@@ -304,6 +327,14 @@ class ModelRegistry:
         """Load ``model`` unless it is; `ModelUnavailableError` (503) naming it when that
         fails (``original``: the load's own exception, as at start-up)."""
         while not model.loaded:
+            if self.closing:
+                raise ModelUnavailableError(
+                    "the server is shutting down", field="model", retry_after=5
+                )
+            recent = time.monotonic() - model.failed_at < _RETRY_FAILED_S
+            permanent = model.retry_after is None
+            if model.transition is None and model.state == "failed" and recent and permanent:
+                raise self._unavailable(model)  # failed for good just now: not tried at once
             if model.transition is None:
                 model.transition = asyncio.ensure_future(self._load(model))
             task = model.transition
@@ -313,11 +344,28 @@ class ModelRegistry:
                 if original:
                     raise
             if model.state == "failed":
-                raise ModelUnavailableError(
-                    f"the model {model.name!r} could not be loaded: {model.error}",
-                    field="model",
-                    retry_after=5,
-                )
+                raise self._unavailable(model)
+
+    def _unavailable(self, model: ServedModel) -> ModelUnavailableError:
+        """The 503 of a failed load; Retry-After only when waiting can help (busy models
+        held the memory), not for a missing file or a model too big even alone."""
+        return ModelUnavailableError(
+            f"the model {model.name!r} could not be loaded: {model.error}",
+            field="model",
+            retry_after=model.retry_after,
+        )
+
+    async def forget(self, key: str) -> None:
+        """Drop a conversation's saved KV caches, of every model, loaded or not."""
+        for model in self.models:
+            if model.loaded:
+                model.leases += 1  # not unloaded meanwhile
+                try:
+                    await model.pool.forget(key)
+                finally:
+                    model.leases -= 1
+            elif model.state in ("unloaded", "failed"):
+                await anyio.to_thread.run_sync(model.discard_saved, key)
 
     async def unload(self, model: ServedModel, *, force: bool = False) -> bool:
         """Unload ``model`` if it is loaded and idle (``force``: wait for no one, for shutdown);
@@ -343,21 +391,32 @@ class ModelRegistry:
 
     async def _load(self, model: ServedModel) -> None:
         started = time.monotonic()
+        deadline = started + model.settings.max_queue_wait_s
+        model.state = "loading"
+        model.error = None
         try:
-            async with self._load_lock:
-                model.state = "loading"
-                model.error = None
-                await self._plan_on_gpu(model)
-                try:
-                    await self._make_room(model)
-                    await model._launch()
-                except BaseException:
-                    await model.pool.stop()
-                    raise
+            while True:
+                async with self._load_lock:  # one load at a time; released while waiting
+                    if self.closing:
+                        raise ModelUnavailableError("the server is shutting down", retry_after=5)
+                    await self._plan_on_gpu(model)
+                    try:
+                        if await self._make_room(model):
+                            await model._launch()
+                            break
+                    except BaseException:
+                        await model.pool.stop()
+                        raise
+                    await model.pool.stop()  # busy models hold the memory: plan again later
+                if time.monotonic() >= deadline:
+                    raise self._held_by_busy(model)
+                await asyncio.sleep(_TICK_S)
         except Exception as exc:
             model.state = "failed"
+            model.failed_at = time.monotonic()
             model.memory = (0, 0)
             model.error = _reason(exc)
+            model.retry_after = exc.retry_after if isinstance(exc, LlamaStreamError) else None
             self.metrics.loads.labels(model.name, "failed").inc()
             logger.error("model %s could not be loaded: %s", model.name, model.error)
             raise
@@ -387,12 +446,20 @@ class ModelRegistry:
         """Plan ``model``; while it would not fit on the GPU whole (auto: fewer layers than it
         has; a fixed layer count: `GpuMemoryError`) and idle models hold GPU memory, unload
         the least recently used of them and plan again."""
+        checked = False
         while True:
             error: GpuMemoryError | None = None
             try:
                 await model._prepare(self.gpu_reserved(but=model))
             except GpuMemoryError as exc:
                 error = exc
+            if error is None and not checked:
+                try:
+                    self._check_alone(model)  # before anything is unloaded for it
+                except BaseException:
+                    await model.pool.stop()
+                    raise
+                checked = True
             if error is None and not model.gpu_short():
                 return
             holders = sorted(
@@ -434,64 +501,80 @@ class ModelRegistry:
     def used_bytes(self, but: ServedModel | None = None) -> int:
         """The planned memory of the loaded models (other than ``but``)."""
         return sum(
-            sum(m.memory) for m in self.models if m is not but and m.state in ("loaded", "loading")
+            sum(m.memory)
+            for m in self.models
+            if m is not but and m.state in ("loaded", "loading", "unloading")
         )
 
-    async def _make_room(self, model: ServedModel) -> None:
-        """Unload idle models, least recently used first, until ``model`` fits beside the
-        others; wait for busy ones to become idle up to ``max_queue_wait_s``. A model that
-        cannot fit even alone is refused at once."""
+    def _check_alone(self, model: ServedModel) -> None:
+        """Refuse a model that cannot fit even with every other model unloaded."""
         need = sum(model.memory)
         budget = self.budget_bytes()
-        if need > budget:
-            raise ModelUnavailableError(
-                f"the model {model.name!r} needs about {need / MIB:,.0f} MiB (weights and the KV "
-                f"cache of {model.settings.num_of_concurrent_executions} slot(s) of "
-                f"{model.settings.n_ctx} tokens), more than memory_budget_mib "
-                f"({budget / MIB:,.0f}) even alone: give it fewer slots, a shorter n_ctx, a "
-                "quantized KV cache (type_k/type_v q8_0) or a larger budget",
-                field="model",
-            )
-        deadline = time.monotonic() + model.settings.max_queue_wait_s
+        others_host = sum(m.memory[0] for m in self.models if m is not model)
+        host_short = _host_shortfall(model.memory[0]) - others_host
+        if need <= budget and host_short <= 0:
+            return
+        limit = (
+            f"more than memory_budget_mib ({budget / MIB:,.0f})"
+            if need > budget
+            else f"{host_short / MIB:,.0f} MiB more than the host's available memory"
+        )
+        raise ModelUnavailableError(
+            f"the model {model.name!r} needs about {need / MIB:,.0f} MiB (weights and the KV "
+            f"cache of {model.settings.num_of_concurrent_executions} slot(s) of "
+            f"{model.settings.n_ctx} tokens), {limit} even alone: give it fewer slots, a "
+            "shorter n_ctx, a quantized KV cache (type_k/type_v q8_0)"
+            + (" or a larger budget" if need > budget else ""),
+            field="model",
+        )
+
+    async def _make_room(self, model: ServedModel) -> bool:
+        """Whether ``model`` fits beside the other models once idle ones are unloaded, least
+        recently used first; False while busy models hold what it needs (the caller waits,
+        without the load lock, and tries again)."""
+        need = sum(model.memory)
+        budget = self.budget_bytes()
         while True:
             host_short = _host_shortfall(model.memory[0])
             if self.used_bytes(but=model) + need <= budget and host_short <= 0:
-                return
+                return True
             idle = sorted(
                 (m for m in self.models if m is not model and m.loaded and not m.busy()),
                 key=lambda m: m.last_used,
             )
-            if idle:
-                victim = idle[0]
-                logger.info(
-                    "unloading idle model %s (least recently used) to make room for %s",
-                    victim.name,
-                    model.name,
-                )
-                await self.unload(victim)
-                continue
-            if time.monotonic() >= deadline:
-                busy = [m.name for m in self.models if m is not model and m.loaded]
-                raise ModelUnavailableError(
-                    f"the model {model.name!r} needs about {need / MIB:,.0f} MiB and the busy "
-                    f"model(s) {', '.join(busy) or '(none)'} hold the memory "
-                    + (
-                        f"(memory_budget_mib {budget / MIB:,.0f})"
-                        if budget < math.inf
-                        else f"(the host is {host_short / MIB:,.0f} MiB short)"
-                    ),
-                    field="model",
-                    retry_after=5,
-                )
-            await asyncio.sleep(_TICK_S)
+            if not idle:
+                return False
+            logger.info(
+                "unloading idle model %s (least recently used) to make room for %s",
+                idle[0].name,
+                model.name,
+            )
+            await self.unload(idle[0])
+
+    def _held_by_busy(self, model: ServedModel) -> ModelUnavailableError:
+        busy = [m.name for m in self.models if m is not model and m.loaded]
+        budget = self.budget_bytes()
+        return ModelUnavailableError(
+            f"the model {model.name!r} needs about {sum(model.memory) / MIB:,.0f} MiB and the "
+            f"busy model(s) {', '.join(busy) or '(none)'} hold the memory "
+            + (
+                f"(memory_budget_mib {budget / MIB:,.0f})"
+                if budget < math.inf
+                else "(the host's available memory)"
+            ),
+            field="model",
+            retry_after=5,
+        )
 
     # keep-alive
 
     def start(self) -> None:
+        self.closing = False
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap())
 
     async def stop(self) -> None:
+        self.closing = True
         if self._reaper is not None:
             self._reaper.cancel()
             with suppress(asyncio.CancelledError):

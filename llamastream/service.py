@@ -73,11 +73,14 @@ class Service:
             path = self.default.pool.model_path
         if path is not None:
             layers = self.default.settings.n_gpu_layers
+            if layers == "auto":  # as many as the chat model got (none without a GPU)
+                fit = self.default.pool.layer_fit
+                layers = fit.layers if fit is not None else 0
             embedder = Embedder(
                 path,
                 pooling=self.settings.embedding_pooling,
                 n_ctx=self.settings.embedding_n_ctx,
-                n_gpu_layers=-1 if layers == "auto" else layers,
+                n_gpu_layers=layers,
                 n_threads=self.settings.n_threads,
                 max_waiting=max(1, self.settings.max_queue_size),
             )

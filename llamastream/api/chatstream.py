@@ -291,8 +291,8 @@ class ChatStream:
                 request, request_body, self.settings.max_body_bytes, ChatRequest
             )
             chat.check(self.settings.max_input_chars)
-            if chat.model is not None:
-                service.models.get(chat.model)  # 404 naming the field before anything else
+            if chat.model is not None:  # 404 naming the field before anything else
+                chat.model = service.models.get(chat.model).name  # an alias: the model's id
             manager, session = _session_of(request)
             lock = await service.turn_locks.lock(manager)
         except LlamaStreamError as exc:
@@ -327,9 +327,7 @@ class ChatStream:
             async with self.service.turn_locks.locked(manager):
                 self._prompt_of(session).clear()
                 await _save(manager)
-                for model in self.service.models.models:
-                    if model.loaded:
-                        await model.pool.forget(session.id)
+                await self.service.models.forget(session.id)
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
         return JSONResponse({"status": "cleared"})
@@ -339,9 +337,11 @@ class ChatStream:
         manager, session = _session_of(request)
         try:
             await _ensure_loaded(manager)
-            async with self.service.use(self._model_name(session)) as model:
-                prompt = self._prompt_of(session, model)
-                text = prompt.create_prompt()
+            model = self.service.models.get(self._model_name(session))
+            prompt = self._prompt_of(session, model)
+            # Rendered with the model's template when it is loaded; reading a conversation
+            # never loads a model (nor evicts another).
+            text = prompt.create_prompt() if model.loaded else None
         except LlamaStreamError as exc:
             return NATIVE.response(exc)
         return JSONResponse(

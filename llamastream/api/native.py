@@ -103,7 +103,7 @@ _PROMPT = {
     "type": "object",
     "required": ["prompt", "messages"],
     "properties": {
-        "prompt": {"type": "string"},
+        "prompt": {"type": ["string", "null"]},
         "messages": {"type": "array", "items": {"type": "object"}},
     },
 }
@@ -149,7 +149,7 @@ async def clear_context(request: Request) -> Response:
 
 @router.get(
     "/get_prompt",
-    responses={200: json_ok(_PROMPT), **error_responses(*_ROLES, 429, 503)},
+    responses={200: json_ok(_PROMPT), **error_responses(*_ROLES, 503)},
     dependencies=[Depends(require("get_prompt"))],
 )
 async def get_prompt(request: Request) -> Response:

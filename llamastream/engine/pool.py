@@ -234,6 +234,11 @@ class WorkerPool:
         fitted = []
         for i, (o, share) in enumerate(zip(offloads, shares, strict=True)):
             on = [d for d in devices if d.index == o.main_gpu] if pinned else devices
+            # Workers sharing a device share its free memory.
+            sharing = (
+                sum(1 for x in offloads if x.main_gpu == o.main_gpu) if pinned else len(offloads)
+            )
+            on = [replace(d, free=d.free // sharing) for d in on]
             fit = fit_gpu_layers(
                 i,
                 shape,
@@ -352,6 +357,30 @@ class WorkerPool:
         if tuple(tokens[: len(state.tokens)]) != state.tokens:
             return None  # the conversation changed (regenerated, cleared): not its history
         return state
+
+    async def peek(self) -> None:
+        """Read the GGUF's metadata and chat template without loading the model (they are
+        kept from the last load, or from an earlier peek)."""
+        if self.metadata:
+            return
+
+        def read() -> None:
+            vocab = load_llama(str(self.model_path), vocab_only=True)
+            try:
+                meta = dict(vocab.metadata)
+                bos = vocab.detokenize([vocab.token_bos()], special=True).decode(errors="replace")
+                eos = vocab.detokenize([vocab.token_eos()], special=True).decode(errors="replace")
+                own = self.settings.chat_template_file
+                if own is not None:
+                    source = own.read_text(encoding="utf-8")
+                    self.template = ChatTemplate(source, bos_token=bos, eos_token=eos)
+                else:
+                    self.template = ChatTemplate.from_metadata(meta, bos=bos, eos=eos)
+                self.metadata = meta
+            finally:
+                vocab.close()
+
+        await asyncio.to_thread(read)
 
     def _close_vocab(self) -> None:
         if self._vocab is not None:

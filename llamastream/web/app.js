@@ -120,9 +120,10 @@
         signal: controller.signal,
       });
       const error = response.ok ? null : await response.json().catch(function () { return {}; });
-      // A model that cannot be loaded is told, not retried (it says which and why).
-      const busy = response.status === 429 ||
-        (response.status === 503 && error.error !== "model_unavailable");
+      // A model that cannot be loaded for good is told, not retried; one waiting for memory
+      // (with a Retry-After) is retried like a busy server.
+      const busy = response.status === 429 || (response.status === 503 &&
+        (error.error !== "model_unavailable" || response.headers.has("Retry-After")));
       if (busy) {
         const wait = Math.max(1, parseInt(response.headers.get("Retry-After") || "1", 10));
         bubble.remove();

@@ -206,16 +206,6 @@ def test_lru_eviction_under_a_memory_budget(shapes: dict[str, Path], tmp_path: P
         assert 'llamastream_model_loads_total{model="mid",outcome="loaded"} 2.0' in metrics
 
 
-def test_lru_order(shapes: dict[str, Path], tmp_path: Path) -> None:
-    with served(shapes, tmp_path, memory_budget_mib=17) as live, live.client() as client:
-        assert complete(client, "mid").status_code == 200
-        assert complete(client, "small").status_code == 200
-        # mid least recently used: evicted alone; small stays beside big.
-        assert complete(client, "big").status_code == 200
-        assert states(client)["small"] == "loaded"
-        assert states(client)["mid"] == "unloaded"
-
-
 def test_a_model_too_big_even_alone_is_refused_with_the_reason(
     shapes: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -281,7 +271,6 @@ def test_keep_alive_unloads_idle_models(shapes: dict[str, Path], tmp_path: Path)
     models = [{"name": "mid", "model_path": str(shapes["mid"]), "keep_alive_s": 0.5}]
     with served(shapes, tmp_path, models=models) as live, live.client() as client:
         assert complete(client, "mid").status_code == 200
-        assert states(client)["mid"] == "loaded"
         eventually(lambda: states(client)["mid"] == "unloaded", timeout=5)
         assert states(client)["small"] == "loaded"  # keep_alive_s -1 by default: kept
         # Ollama's keep_alive per request: 0 unloads as soon as the reply is done.
@@ -323,6 +312,7 @@ def test_a_broken_model_file_is_503_naming_it_and_the_others_serve(
             assert response.status_code == 503, response.text
             error = response.json()["error"]
             assert error["param"] == "model" and f"'{name}' could not be loaded" in error["message"]
+            assert "retry-after" not in response.headers  # waiting would not help
         assert "no such model file" in complete(client, "gone").json()["error"]["message"]
         assert states(client)["broken"] == "failed"
         listing = client.get("/admin/models", headers=ADMIN).json()["models"]
@@ -460,16 +450,29 @@ def test_the_session_keeps_its_model(shapes: dict[str, Path], tmp_path: Path) ->
         chosen = client.post("/set_generation_params", json={"model": "mid", "temperature": 0})
         assert chosen.status_code == 200 and chosen.json()["model"] == "mid"
         assert client.get("/get_generation_params").json()["model"] == "mid"
+        # Reading the conversation or showing a model loads nothing.
+        unrendered = client.get("/get_prompt").json()
+        assert unrendered["prompt"] is None and len(unrendered["messages"]) == 2
+        shown = client.post("/api/show", json={"model": "mid"})
+        assert shown.status_code == 200 and shown.json()["details"]["family"] == "llama"
+        assert states(client)["mid"] == "unloaded"
         second = client.post("/chat_stream", json={"user_input": "again"})
         assert second.status_code == 200
         assert states(client)["mid"] == "loaded"
         assert client.get("/get_prompt").json()["model"] == "mid"
         assert client.get("/get_models").json()["model"] == "mid"
         # The history goes on with the other model; a turn may name a model (kept after).
-        third = client.post("/chat_stream", json={"user_input": "more", "model": "big"})
+        third = client.post("/chat_stream", json={"user_input": "more", "model": "large"})
         assert third.status_code == 200
         prompt = client.get("/get_prompt").json()
-        assert prompt["model"] == "big"
+        assert prompt["model"] == "big"  # the alias given, the model's id kept
+        assert client.get("/get_models").json()["model"] == "big"
+        metrics = client.get("/metrics").text
+        for name in ("small", "mid", "big"):  # each turn ran on the session's model then
+            assert (
+                f'llamastream_generations_total{{model="{name}",outcome="success",'
+                'route="/chat_stream"} 1.0'
+            ) in metrics
         assert [m["role"] for m in prompt["messages"]] == ["user", "assistant"] * 3
         bad = client.post("/set_generation_params", json={"model": "nope"})
         assert bad.status_code == 404 and bad.json()["field"] == "model"
@@ -668,3 +671,34 @@ def test_idle_models_leave_the_gpu_to_a_model_that_would_not_fit_whole(
             assert beside["mid"]["state"] == "loaded"
             assert beside["big"]["gpu_layers_chosen"] < alone
         held.join(30)
+
+
+def test_a_model_bigger_than_the_host_is_refused_at_once(
+    shapes: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injected: a host with 4 MiB available. big (~14.6 MiB) cannot fit even if every
+    # other model left: refused at once, with nothing unloaded for it.
+    with served(shapes, tmp_path) as live, live.client() as client:
+        monkeypatch.setattr("llamastream.registry.mem_available", lambda: 4 << 20)
+        started = time.monotonic()
+        refused = complete(client, "big")
+        assert time.monotonic() - started < 5  # not max_queue_wait_s (60 s)
+        assert refused.status_code == 503 and "retry-after" not in refused.headers
+        message = refused.json()["error"]["message"]
+        assert "host's available memory even alone" in message, message
+        assert states(client)["small"] == "loaded"
+
+
+def test_auto_layers_split_a_device_between_its_workers(
+    shapes: dict[str, Path], tmp_path: Path
+) -> None:
+    models = [{"name": "mid", "model_path": str(shapes["mid"]), "workers": 2}]
+    with (
+        served(shapes, tmp_path, models=models, device_memory_mib=10, gpu_headroom_mib=0) as live,
+        live.client() as client,
+    ):
+        assert complete(client, "mid").status_code == 200
+        mid = {m["id"]: m for m in client.get("/admin/models", headers=ADMIN).json()["models"]}
+        placement = mid["mid"]["placement"]
+        assert len(placement) == 2  # two workers, each with part of the card
+        assert 0 < mid["mid"]["gpu_layers_chosen"] < 3

@@ -28,7 +28,8 @@ from llamastream.api.ollama.models import (
 from llamastream.api.openai.models import ChatCompletionRequest
 from llamastream.api.openai.routes import prepare_chat, sampling_for
 from llamastream.api.openapi import error_responses, json_ok, model_body
-from llamastream.errors import InvalidRequestError, ModelNotFoundError
+from llamastream.chat.reasoning import think_tags
+from llamastream.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
 from llamastream.registry import ServedModel
 from llamastream.service import Service
 from llamastream.streaming import Run
@@ -128,30 +129,34 @@ async def show(request: Request, service: ServiceDep) -> Response:
                 "capabilities": ["embedding"],
             }
         )
-    async with service.use(_model_name(service, name)) as model:
-        pool = model.pool
-        capabilities = ["completion", "tools"]
-        if model.thinking("") is not None:
-            capabilities.append("thinking")
-        if service.embedder is not None and base == service.embedding_model_id:
-            capabilities.append("embedding")
-        # The vocabulary's long lists only with verbose, as Ollama does.
-        info = {
-            k: v
-            for k, v in pool.metadata.items()
-            if req.verbose or not k.startswith("tokenizer.ggml.")
+    model = service.models.get(_model_name(service, name))
+    pool = model.pool
+    try:
+        await pool.peek()  # metadata and template only: showing a model never loads it
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"the model {name!r} cannot be read: {exc}", field="model"
+        ) from None
+    capabilities = ["completion", "tools"]
+    if think_tags(pool.template.source) is not None:
+        capabilities.append("thinking")
+    if service.embedder is not None and base == service.embedding_model_id:
+        capabilities.append("embedding")
+    # The vocabulary's long lists only with verbose, as Ollama does.
+    info = {
+        k: v for k, v in pool.metadata.items() if req.verbose or not k.startswith("tokenizer.ggml.")
+    }
+    return JSONResponse(
+        {
+            "modelfile": f"FROM {pool.model_path}\n",
+            "parameters": "",
+            "template": pool.template.source,
+            "details": _details(model),
+            "model_info": {**info, "llamastream.n_ctx": model.settings.n_ctx, "model": name},
+            "capabilities": capabilities,
+            "modified_at": _modified(pool.model_path.stat().st_mtime),
         }
-        return JSONResponse(
-            {
-                "modelfile": f"FROM {pool.model_path}\n",
-                "parameters": "",
-                "template": pool.template.source,
-                "details": _details(model),
-                "model_info": {**info, "llamastream.n_ctx": model.settings.n_ctx, "model": name},
-                "capabilities": capabilities,
-                "modified_at": _modified(pool.model_path.stat().st_mtime),
-            }
-        )
+    )
 
 
 @_routes.post(
