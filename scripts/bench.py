@@ -233,6 +233,79 @@ async def measure_multi_turn(
     return first, last
 
 
+@dataclass
+class Restart:
+    """Time to first token around a restart: turn 1, the last turn before, the turn after."""
+
+    first: list[float] = field(default_factory=list)
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+    disk_bytes: int = 0  # saved KV caches on disk after the restart's shutdown
+
+
+async def conversation_turns(
+    url: str,
+    histories: list[list[dict[str, str]]],
+    turns: range,
+    args: argparse.Namespace,
+    extra: dict[str, Any],
+) -> list[list[float]]:
+    """Play ``turns`` of every conversation, round-robin; each turn's TTFTs."""
+    out: list[list[float]] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout)) as client:
+        for turn in turns:
+            ttfts = []
+            for conv, history in enumerate(histories):
+                history.append(
+                    {
+                        "role": "user",
+                        "content": f"Conversation {conv}, turn {turn}: "
+                        f"go on with the story of {TOPICS[conv % len(TOPICS)]}.",
+                    }
+                )
+                body = {
+                    "model": args.model_id,
+                    "messages": history,
+                    "max_tokens": args.reply_tokens,
+                    **GREEDY,
+                    "stream": True,
+                    **extra,
+                }
+                outcome, ttft, _, text = await stream_chat(client, url, body)
+                if outcome != "ok" or ttft is None:
+                    raise RuntimeError(f"turn {turn} of conversation {conv}: {outcome}")
+                history.append({"role": "assistant", "content": text})
+                ttfts.append(ttft)
+            out.append(ttfts)
+    return out
+
+
+def measure_restart(
+    name: str,
+    cmd: list[str],
+    port: int,
+    extra: dict[str, Any],
+    args: argparse.Namespace,
+    log_dir: Path,
+    state_dir: Path | None,
+) -> Restart:
+    """``args.turns`` turns of ``args.conversations`` conversations, a restart (SIGTERM, the
+    same command and directories), and one more turn of each."""
+    histories: list[list[dict[str, str]]] = [[] for _ in range(args.conversations)]
+    label = re.sub(r"\W+", "-", name)
+    with server(label, cmd, port, log_dir) as url:
+        played = asyncio.run(conversation_turns(url, histories, range(args.turns), args, extra))
+    result = Restart(first=played[0], before=played[-1])
+    if state_dir is not None and state_dir.exists():
+        result.disk_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+    with server(label + "-restarted", cmd, port, log_dir) as url:
+        after = asyncio.run(
+            conversation_turns(url, histories, range(args.turns, args.turns + 1), args, extra)
+        )
+    result.after = after[0]
+    return result
+
+
 def raw_floor(args: argparse.Namespace) -> Level:
     """In-process llama-cpp-python, token by token, one request at a time: the floor.
 
@@ -324,6 +397,13 @@ def main() -> None:
         "--only",
         nargs="+",
         help="measure only these: raw llamastream llama-cpp-python llama-server",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="instead of the concurrency levels: --conversations x --turns on --slots, a "
+        "restart of each server (SIGTERM, same directories), one more turn each; TTFT at turn "
+        "1, the last turn before and the turn after the restart",
     )
     parser.add_argument("--name", default="cpu", help="output file name in docs/benchmarks/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
@@ -429,6 +509,16 @@ def main() -> None:
         ]
         targets.append((f"llama-server -np {args.slots}", cmd, {"ignore_eos": True}, port))
 
+    if args.restart:
+        restarts = {}
+        for name, cmd, extra, port in targets:
+            print(f"{name}: restart …", flush=True)
+            state_dir = None
+            if "--session-dir" in cmd:
+                state_dir = Path(cmd[cmd.index("--session-dir") + 1]) / "kv-states"
+            restarts[name] = measure_restart(name, cmd, port, extra, args, log_dir, state_dir)
+        write_restart_report(args, restarts)
+        return
     results: dict[str, list[Level]] = {}
     multi: dict[str, tuple[list[float], list[float]]] = {}
     if "raw" in wanted:
@@ -547,6 +637,42 @@ def write_report(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / f"{args.name}.png", dpi=110)
+
+
+def write_restart_report(args: argparse.Namespace, restarts: dict[str, Restart]) -> None:
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    lines = [
+        f"# Benchmark: {args.name}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Model: `{args.model.name}`; {args.conversations} conversations x {args.turns} turns "
+        f"on {args.slots} slots of {args.n_ctx} tokens, round-robin, one request at a time, "
+        f"each turn resending the whole history; {args.reply_tokens}-token replies (end of "
+        "sequence suppressed), greedy. Then each server is stopped with SIGTERM and started "
+        "again with the same command and directories, and every conversation takes one more "
+        "turn.",
+        f"- Threads: {threads_note(args)}.",
+        "",
+        "| server | TTFT turn 1 (ms) | TTFT turn "
+        f"{args.turns} (ms) | TTFT turn {args.turns + 1}, after the restart (ms) | after / "
+        "before | saved caches on disk per conversation (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in restarts.items():
+        first, before, after = (statistics.median(v) for v in (r.first, r.before, r.after))
+        disk = f"{r.disk_bytes / args.conversations / 2**20:.1f}" if r.disk_bytes else "-"
+        lines.append(
+            f"| {name} | {first * 1000:.0f} | {before * 1000:.0f} | {after * 1000:.0f} | "
+            f"{after / before:.2f} | {disk} |"
+        )
+    lines += ["", "Medians over the conversations."]
+    report = args.out / f"{args.name}.md"
+    report.write_text("\n".join(lines) + "\n")
+    print(report.read_text())
 
 
 if __name__ == "__main__":

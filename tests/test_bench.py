@@ -25,3 +25,17 @@ def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert float(cells[3]) > 0  # aggregate tokens/s at concurrency 2
     assert cells[6].strip() == "0" and cells[7].strip() == "0"  # nothing broken or refused
     assert "llamastream at concurrency 1 / raw in-process" in report
+
+
+def test_bench_restart_smoke(tiny_model: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(tiny_model)]
+    cmd += ["--only", "llamastream", "--restart", "--slots", "2", "--n-ctx", "512"]
+    cmd += ["--conversations", "3", "--turns", "2", "--reply-tokens", "4", "--timeout", "60"]
+    cmd += ["--name", "restart", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (tmp_path / "restart.md").read_text()
+    assert "- Command: `python scripts/bench.py" in report
+    row = next(line for line in report.splitlines() if line.startswith("| llamastream |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert all(float(c) > 0 for c in cells[:4])  # TTFTs and the after / before ratio
