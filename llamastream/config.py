@@ -66,6 +66,9 @@ PER_MODEL = (
     "n_threads",
     "n_threads_batch",
     "chat_template_file",
+    "prompt_lookup",
+    "draft_max",
+    "draft_min",
     "reasoning_format",
     "reasoning_budget",
     "system_prompt",
@@ -236,6 +239,17 @@ class Settings(BaseSettings):
         description="CPU threads per worker for reading prompts; unset: n_threads when it is "
         "set, else every logical CPU this process may use (at most 4 with every layer on a "
         "GPU).",
+    )
+    prompt_lookup: bool = Field(
+        False,
+        description="Speculative decoding by prompt lookup: each step, a generating slot also "
+        "verifies the tokens that followed its last n-gram earlier in the prompt or the reply "
+        "(the same reply, sampled the same way; faster when replies repeat their input, e.g. "
+        "edits and extraction).",
+    )
+    draft_max: int = Field(8, ge=1, le=64, description="Most tokens drafted per slot and step.")
+    draft_min: int = Field(
+        1, ge=1, le=64, description="Fewest drafted tokens worth verifying; shorter: none."
     )
     chat_template_file: Path | None = Field(
         None,

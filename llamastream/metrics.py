@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import Scope
 
 from llamastream.engine.slots import SlotController
@@ -40,6 +42,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._drafts: dict[str, Callable[[], tuple[int, int]]] = {}
+        registry.register(_Collector(self._collect_drafts))
         self.http_requests = Counter(
             "llamastream_http_requests",
             "HTTP requests answered, by route template, method and status.",
@@ -106,13 +110,49 @@ class Metrics:
             registry=registry,
         )
 
-    def add_model(self, name: str, slots: SlotController, loaded: Callable[[], bool]) -> None:
-        """Report a configured model's slots, queue and state under its ``model`` label."""
+    def add_model(
+        self,
+        name: str,
+        slots: SlotController,
+        loaded: Callable[[], bool],
+        drafts: Callable[[], tuple[int, int]] = lambda: (0, 0),
+    ) -> None:
+        """Report a configured model's slots, queue and state under its ``model`` label;
+        ``drafts``: its speculative tokens drafted and accepted so far."""
+        self._drafts[name] = drafts
         self.queue_depth.labels(name).set_function(lambda: slots.load().waiting)
         self.busy_slots.labels(name).set_function(lambda: slots.load().processing)
         self.slots.labels(name).set(slots.n_slots)
         self.loaded.labels(name).set_function(lambda: float(loaded()))
 
+    def _collect_drafts(self) -> Iterator[Metric]:
+        drafted = CounterMetricFamily(
+            "llamastream_draft_tokens",
+            "Speculative tokens drafted and verified (prompt lookup).",
+            labels=["model"],
+        )
+        accepted = CounterMetricFamily(
+            "llamastream_draft_accepted_tokens",
+            "Speculative tokens drafted and accepted: generated without a step of their own.",
+            labels=["model"],
+        )
+        for name, drafts in self._drafts.items():
+            made, taken = drafts()
+            drafted.add_metric([name], made)
+            accepted.add_metric([name], taken)
+        yield drafted
+        yield accepted
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _Collector(Collector):
+    """Metrics read when scraped, from a function."""
+
+    def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterator[Metric]:
+        return self._collect()

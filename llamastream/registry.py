@@ -106,7 +106,9 @@ class ServedModel:
             metrics=metrics,
             model=self.name,
         )
-        metrics.add_model(self.name, self.slots, lambda: self.state == "loaded")
+        metrics.add_model(
+            self.name, self.slots, lambda: self.state == "loaded", lambda: self.drafts()
+        )
         self.state: State = "unloaded"
         self.error: str | None = None  # why the last load failed
         self.leases = 0  # requests between naming the model and holding a slot ticket
@@ -118,6 +120,7 @@ class ServedModel:
         self.failed_at = -math.inf  # when the last load failed
         self.retry_after: int | None = None  # the last failure's Retry-After (None: permanent)
         self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
+        self._drafts = (0, 0)  # speculative counts of the workers of earlier loads
 
     # what the routes use
 
@@ -185,6 +188,11 @@ class ServedModel:
             "max_processing": load.max_processing,
             "max_waiting": load.max_waiting,
         }
+
+    def drafts(self) -> tuple[int, int]:
+        """Speculative tokens drafted and accepted since the server started."""
+        made, taken = self.pool.speculation()
+        return made + self._drafts[0], taken + self._drafts[1]
 
     # use and state
 
@@ -264,6 +272,7 @@ class ServedModel:
 
     async def _unload(self) -> None:
         self._closing.clear()
+        self._drafts = self.drafts()
         await self.pool.stop()
         self.memory = (0, 0)
 

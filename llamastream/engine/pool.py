@@ -30,7 +30,7 @@ from llamastream.engine.gpu import (
     resolve_workers,
 )
 from llamastream.engine.states import StateStore, model_fingerprint
-from llamastream.engine.worker import Job, SavedState, Worker, load_llama
+from llamastream.engine.worker import Job, SavedState, Speculation, Worker, load_llama
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,9 @@ class WorkerPool:
                 cpu_share=n_workers,
                 offload=o,
                 state_sink=self.states.put if self.states is not None else None,
+                speculation=Speculation(settings.draft_max, settings.draft_min)
+                if settings.prompt_lookup
+                else None,
             )
             for i, (o, share) in enumerate(zip(offloads, shares, strict=True))
         ]
@@ -206,6 +209,13 @@ class WorkerPool:
             )
             for d in devices
         ]
+
+    def speculation(self) -> tuple[int, int]:
+        """Tokens drafted and verified so far, and how many of them were accepted."""
+        return (
+            sum(w.drafted_tokens for w in self.workers),
+            sum(w.accepted_tokens for w in self.workers),
+        )
 
     def gpu_bytes(self) -> dict[int, int]:
         """GPU bytes per device the planned workers take."""

@@ -115,6 +115,41 @@ class SavedState:
 StateSink = Callable[[str, SavedState], None]
 
 
+@dataclass(frozen=True)
+class Speculation:
+    """Drafts verified in the batched step: prompt lookup (a continuation of the last n-gram
+    found earlier in the prompt or the reply), ``draft_min`` to ``draft_max`` tokens."""
+
+    draft_max: int = 8
+    draft_min: int = 1
+    ngram_max: int = 3
+    ngram_min: int = 2
+
+
+def lookup_draft(history: Sequence[int], spec: Speculation, limit: int) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of the history's last n-gram
+    (the longest n first), at most ``limit``; none when there is no such occurrence.
+
+    >>> lookup_draft([5, 6, 7, 8, 9, 5, 6, 7], Speculation(), 3)
+    [8, 9, 5]
+    >>> lookup_draft([1, 2, 3], Speculation(), 4)
+    []
+    """
+    if limit < spec.draft_min or len(history) < spec.ngram_min + 1:
+        return []
+    arr = np.asarray(history, dtype=np.int64)
+    for n in range(min(spec.ngram_max, len(arr) - 1), spec.ngram_min - 1, -1):
+        tail = arr[-n:]
+        # Start positions of earlier copies of the tail (not the tail itself).
+        starts = np.flatnonzero(arr[: len(arr) - n] == tail[0])
+        for start in starts[::-1]:
+            if np.array_equal(arr[start : start + n], tail):
+                draft: list[int] = arr[start + n : start + n + limit].tolist()
+                if len(draft) >= spec.draft_min:
+                    return draft
+    return []
+
+
 # llama-cpp-python silences a quiet load by pointing the process's fds 1 and 2 at /dev/null
 # and back; two loads at once in different threads can leave them pointing there for good.
 _LOAD_LOCK = threading.Lock()
@@ -161,6 +196,7 @@ class _Slot:
         if self.budget is not None and self.budget.at_start():
             self.forced = list(self.budget.budget.close_tokens)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
+        self.draft: list[int] = []  # tokens drafted this step, verified after the decode
         self.cached = 0  # prompt tokens the sequence already held
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not sent yet
         self.logprob_chars: list[int] = []  # the characters each of those tokens decoded to
@@ -189,8 +225,12 @@ class Worker:
         offload: Offload | None = None,
         state_sink: StateSink | None = None,
         min_saved_tokens: int = 64,
+        speculation: Speculation | None = None,
     ) -> None:
         self.index = index
+        self.speculation = speculation
+        self.drafted_tokens = 0  # tokens drafted and verified, and how many were accepted
+        self.accepted_tokens = 0
         self._state_sink = state_sink
         self._min_saved_tokens = min_saved_tokens
         self.n_slots = n_slots
@@ -580,6 +620,10 @@ class Worker:
                 break
             take = slot.pending[:room]
             cached = self._cached[slot.seq]
+            slot.draft = []
+            if len(slot.pending) == 1 and self.speculation is not None and not slot.forced:
+                slot.draft = self._draft(slot, room - 1)
+                take = take + slot.draft
             for i, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = len(cached) + i
@@ -587,6 +631,12 @@ class Worker:
                 batch.seq_id[n][0] = slot.seq
                 batch.logits[n] = False
                 n += 1
+            if slot.draft:  # the last token's logits and each drafted token's
+                slot.logits_at = n - len(take)
+                for i in range(slot.logits_at, n):
+                    batch.logits[i] = True
+                fed.append((slot, 1))
+                continue
             done_reading = len(take) == len(slot.pending)
             slot.logits_at = n - 1 if done_reading else -1
             if done_reading:
@@ -599,7 +649,14 @@ class Worker:
         for slot, count in fed:
             self._cached[slot.seq].extend(slot.pending[:count])
             del slot.pending[:count]
-        sampling = [slot for slot, _ in fed if slot.logits_at >= 0]
+        drafting = [slot for slot, _ in fed if slot.draft]
+        sampling = [slot for slot, _ in fed if slot.logits_at >= 0 and not slot.draft]
+        for slot in drafting:
+            try:
+                self._verify(slot)
+            except Exception as exc:
+                logger.exception("worker %d: a job failed", self.index)
+                self._end(slot, Failed(exc))
         tokens: list[int | BaseException]
         if len(sampling) > 1 and self._samplers is not None:
             tokens = list(self._samplers.map(self._sample, sampling))
@@ -611,6 +668,41 @@ class Worker:
             except Exception as exc:  # this slot's job ends; the others go on
                 logger.exception("worker %d: a job failed", self.index)
                 self._end(slot, Failed(exc))
+
+    def _draft(self, slot: _Slot, room: int) -> list[int]:
+        """Tokens to verify with this slot's next one: what followed the reply's last n-gram
+        earlier in the prompt or the reply (none when it would not fit)."""
+        spec = self.speculation
+        assert spec is not None
+        cached = self._cached[slot.seq]
+        left = slot.job.params.max_new_tokens - slot.generated - 1
+        limit = min(spec.draft_max, room, left, self.n_ctx - len(cached) - 3)
+        if limit < spec.draft_min:
+            return []
+        return lookup_draft([*cached, slot.pending[0]], spec, limit)
+
+    def _verify(self, slot: _Slot) -> None:
+        """Sample the slot at its last token and then at each drafted token in turn, for as
+        long as the samples are the drafted tokens: each is sampled exactly as without a draft
+        (the same sampler chain, penalties, bias and grammar, at the same position), so the
+        reply is the same; the cache of the drafted tokens not taken is removed."""
+        assert self._ctx is not None
+        cached = self._cached[slot.seq]  # holds the last token now (not the drafted ones)
+        draft = slot.draft
+        slot.draft = []
+        start = slot.logits_at
+        self.drafted_tokens += len(draft)
+        for i in range(len(draft) + 1):
+            slot.logits_at = start + i
+            token = self._sample(slot)
+            self._after_sample(slot, token)
+            if slot.seq not in self._active or i == len(draft) or token != draft[i]:
+                break
+            # The drafted token is the one sampled: it is in the cache already.
+            slot.pending = []
+            cached.append(draft[i])
+            self.accepted_tokens += 1
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, len(cached), -1)
 
     def _fail_all(self, exc: Exception) -> None:
         """End every active job with ``exc`` and forget what their sequences held."""
