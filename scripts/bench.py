@@ -157,9 +157,26 @@ async def stream_chat(
     return ("ok" if done else "broken"), ttft, tokens, "".join(text)
 
 
+# The input-grounded task's text: a reply that repeats and edits it is what prompt lookup
+# drafts from.
+PASSAGE = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the "
+    "wick, polished the great lens until it shone, and wrote the weather in his logbook: wind "
+    "from the north-west, a light swell, visibility good. Ships passed far out at sea, their "
+    "lamps like slow stars, and none of them ever knew his name. In the morning he climbed "
+    "down again, made tea, fed the gulls that waited on the rail, and slept until the light "
+    "was needed once more."
+)
+
+
 def request_body(i: int, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     topic = TOPICS[i % len(TOPICS)]
     content = f"Story {i}: tell me a long, detailed story about {topic}."
+    if args.task == "echo":
+        content = (
+            f"Rewrite this text word for word, changing only 'lighthouse' to '{topic}', then "
+            f"go on:\n\n{PASSAGE}"
+        )
     return {
         "model": args.model_id,
         "messages": [{"role": "user", "content": content}],
@@ -405,6 +422,21 @@ def main() -> None:
         "restart of each server (SIGTERM, same directories), one more turn each; TTFT at turn "
         "1, the last turn before and the turn after the restart",
     )
+    parser.add_argument(
+        "--task",
+        choices=["chat", "echo"],
+        default="chat",
+        help="chat: write a story; echo: rewrite a given text (input-grounded: what prompt "
+        "lookup drafts from)",
+    )
+    parser.add_argument(
+        "--llama-server-variant",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="also measure llama-server started with these extra arguments, e.g. "
+        "'ngram=--spec-type ngram-simple' (repeatable)",
+    )
     parser.add_argument("--name", default="cpu", help="output file name in docs/benchmarks/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
@@ -508,6 +540,13 @@ def main() -> None:
             str(args.n_gpu_layers),
         ]
         targets.append((f"llama-server -np {args.slots}", cmd, {"ignore_eos": True}, port))
+        for label, extra_args in (v.partition("=")[::2] for v in args.llama_server_variant):
+            port = free_port()
+            variant = [*cmd, *shlex.split(extra_args)]
+            variant[variant.index("--port") + 1] = str(port)
+            targets.append(
+                (f"llama-server -np {args.slots}, {label}", variant, {"ignore_eos": True}, port)
+            )
 
     if args.restart:
         restarts = {}
@@ -558,9 +597,9 @@ def write_report(
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- Model: `{args.model.name}`; {args.tokens} generated tokens per request (end of "
-        f"sequence suppressed), greedy, no repetition penalty; {args.slots} slots of "
-        f"{args.n_ctx} tokens; {args.rounds} requests per client.",
+        f"- Model: `{args.model.name}`; task `{args.task}`; {args.tokens} generated tokens per "
+        "request (end of sequence suppressed), greedy, no repetition penalty; "
+        f"{args.slots} slots of {args.n_ctx} tokens; {args.rounds} requests per client.",
         f"- Threads: {threads_note(args)}.",
         "",
         "| server | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) "

@@ -197,6 +197,7 @@ class _Slot:
             self.forced = list(self.budget.budget.close_tokens)
         self.logits_at = -1  # index in the current batch whose logits this slot samples
         self.draft: list[int] = []  # tokens drafted this step, verified after the decode
+        self.draft_len = 2  # how many to draft next: grows while drafts are taken whole
         self.cached = 0  # prompt tokens the sequence already held
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not sent yet
         self.logprob_chars: list[int] = []  # the characters each of those tokens decoded to
@@ -676,7 +677,7 @@ class Worker:
         assert spec is not None
         cached = self._cached[slot.seq]
         left = slot.job.params.max_new_tokens - slot.generated - 1
-        limit = min(spec.draft_max, room, left, self.n_ctx - len(cached) - 3)
+        limit = min(slot.draft_len, spec.draft_max, room, left, self.n_ctx - len(cached) - 3)
         if limit < spec.draft_min:
             return []
         return lookup_draft([*cached, slot.pending[0]], spec, limit)
@@ -692,6 +693,7 @@ class Worker:
         slot.draft = []
         start = slot.logits_at
         self.drafted_tokens += len(draft)
+        taken = 0
         for i in range(len(draft) + 1):
             slot.logits_at = start + i
             token = self._sample(slot)
@@ -702,7 +704,11 @@ class Worker:
             slot.pending = []
             cached.append(draft[i])
             self.accepted_tokens += 1
+            taken += 1
         llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, len(cached), -1)
+        # Each drafted token costs a position of the decode: draft twice as many after a draft
+        # taken whole, one more than was taken otherwise.
+        slot.draft_len = 2 * len(draft) if taken == len(draft) else taken + 1
 
     def _fail_all(self, exc: Exception) -> None:
         """End every active job with ``exc`` and forget what their sequences held."""
