@@ -67,6 +67,8 @@ PER_MODEL = (
     "n_threads_batch",
     "chat_template_file",
     "prompt_lookup",
+    "draft_model_path",
+    "draft_p_min",
     "draft_max",
     "draft_min",
     "reasoning_format",
@@ -246,6 +248,18 @@ class Settings(BaseSettings):
         "verifies the tokens that followed its last n-gram earlier in the prompt or the reply "
         "(the same reply, sampled the same way; faster when replies repeat their input, e.g. "
         "edits and extraction).",
+    )
+    draft_model_path: Path | None = Field(
+        None,
+        description="Speculative decoding with a draft model: a small GGUF with the model's "
+        "vocabulary drafts greedily, verified as prompt lookup's drafts are (used instead of "
+        "prompt lookup; loaded beside the model, in each worker).",
+    )
+    draft_p_min: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="A draft model's drafting stops at a token it finds less likely than this.",
     )
     draft_max: int = Field(8, ge=1, le=64, description="Most tokens drafted per slot and step.")
     draft_min: int = Field(

@@ -178,8 +178,15 @@ class WorkerPool:
                 cpu_share=n_workers,
                 offload=o,
                 state_sink=self.states.put if self.states is not None else None,
-                speculation=Speculation(settings.draft_max, settings.draft_min)
-                if settings.prompt_lookup
+                speculation=Speculation(
+                    settings.draft_max,
+                    settings.draft_min,
+                    draft_model=str(settings.draft_model_path)
+                    if settings.draft_model_path
+                    else None,
+                    draft_p_min=settings.draft_p_min,
+                )
+                if settings.prompt_lookup or settings.draft_model_path
                 else None,
             )
             for i, (o, share) in enumerate(zip(offloads, shares, strict=True))

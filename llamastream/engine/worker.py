@@ -117,13 +117,17 @@ StateSink = Callable[[str, SavedState], None]
 
 @dataclass(frozen=True)
 class Speculation:
-    """Drafts verified in the batched step: prompt lookup (a continuation of the last n-gram
-    found earlier in the prompt or the reply), ``draft_min`` to ``draft_max`` tokens."""
+    """Drafts verified in the batched step, ``draft_min`` to ``draft_max`` tokens: from a
+    draft model (``draft_model``: a small GGUF with the same vocabulary, greedy, stopping where
+    its top token is less likely than ``draft_p_min``), else by prompt lookup (a continuation
+    of the last n-gram found earlier in the prompt or the reply)."""
 
     draft_max: int = 8
     draft_min: int = 1
     ngram_max: int = 3
     ngram_min: int = 2
+    draft_model: str | None = None
+    draft_p_min: float = 0.0
 
 
 def lookup_draft(history: Sequence[int], spec: Speculation, limit: int) -> list[int]:
@@ -198,6 +202,7 @@ class _Slot:
         self.logits_at = -1  # index in the current batch whose logits this slot samples
         self.draft: list[int] = []  # tokens drafted this step, verified after the decode
         self.draft_len = 2  # how many to draft next: grows while drafts are taken whole
+        self.drafted: list[int] = []  # the draft model's drafts for this step
         self.cached = 0  # prompt tokens the sequence already held
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not sent yet
         self.logprob_chars: list[int] = []  # the characters each of those tokens decoded to
@@ -252,6 +257,11 @@ class Worker:
         self._model: internals.LlamaModel | None = None
         self._ctx: internals.LlamaContext | None = None
         self._batch: internals.LlamaBatch | None = None
+        # The draft model's, with one sequence per slot, and the tokens each holds.
+        self._dmodel: internals.LlamaModel | None = None
+        self._dctx: internals.LlamaContext | None = None
+        self._dbatch: internals.LlamaBatch | None = None
+        self._dcached: list[list[int]] = [[] for _ in range(n_slots)]
         self._pieces: dict[int, bytes] = {}
         self._vocab: Any = None
         self._n_vocab = 0
@@ -355,6 +365,8 @@ class Worker:
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if self.speculation is not None and self.speculation.draft_model is not None:
+            self._load_draft(ctx_params)
         logger.info(
             "worker %d loaded %s: %d slot(s) of %d tokens, model tensors %.1f MiB",
             self.index,
@@ -363,6 +375,28 @@ class Worker:
             self.n_ctx,
             llama_cpp.llama_model_size(self._model.model) / 2**20,
         )
+
+    def _load_draft(self, ctx_params: llama_cpp.llama_context_params) -> None:
+        """The draft model and its context (the target's placement and threads)."""
+        assert self.speculation is not None and self.speculation.draft_model is not None
+        model_params = llama_cpp.llama_model_default_params()
+        keep_alive = self.offload.apply_model(model_params)
+        path = self.speculation.draft_model
+        with _LOAD_LOCK:
+            self._dmodel = internals.LlamaModel(path_model=path, params=model_params, verbose=False)
+            del keep_alive
+            self._dctx = internals.LlamaContext(
+                model=self._dmodel, params=ctx_params, verbose=False
+            )
+        vocab = llama_cpp.llama_model_get_vocab(self._dmodel.model)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        if n_vocab != self._n_vocab:
+            raise RuntimeError(
+                f"the draft model {path} has another vocabulary ({n_vocab} tokens; the model "
+                f"{self._n_vocab})"
+            )
+        self._dbatch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        logger.info("worker %d: drafts from %s", self.index, path)
 
     def _plan_threads(self) -> ThreadPlan:
         assert self._model is not None
@@ -401,12 +435,20 @@ class Worker:
             self._ctx.close()
         if self._model is not None:
             self._model.close()
+        if self._dbatch is not None:
+            self._dbatch.close()
+        if self._dctx is not None:
+            self._dctx.close()
+        if self._dmodel is not None:
+            self._dmodel.close()
         self._batch = self._ctx = self._model = None
+        self._dbatch = self._dctx = self._dmodel = None
 
     def _loop(self) -> None:
         try:
             self._load()
         except BaseException as exc:
+            self._unload()  # whatever was loaded before the failure (a draft model's, say)
             self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
@@ -615,6 +657,8 @@ class Worker:
         fed: list[tuple[_Slot, int]] = []
         # Generating slots first (one token each), then prompt chunks in the room left.
         order = sorted(self._active.values(), key=lambda s: len(s.pending) > 1)
+        if self._dctx is not None:
+            self._model_drafts([s for s in order if len(s.pending) == 1 and not s.forced])
         for slot in order:
             room = self.n_batch - n
             if room <= 0:
@@ -623,7 +667,10 @@ class Worker:
             cached = self._cached[slot.seq]
             slot.draft = []
             if len(slot.pending) == 1 and self.speculation is not None and not slot.forced:
-                slot.draft = self._draft(slot, room - 1)
+                if self._dctx is not None:
+                    slot.draft, slot.drafted = slot.drafted[: max(room - 1, 0)], []
+                else:
+                    slot.draft = self._draft(slot, room - 1)
                 take = take + slot.draft
             for i, token in enumerate(take):
                 batch.token[n] = token
@@ -675,12 +722,84 @@ class Worker:
         earlier in the prompt or the reply (none when it would not fit)."""
         spec = self.speculation
         assert spec is not None
-        cached = self._cached[slot.seq]
-        left = slot.job.params.max_new_tokens - slot.generated - 1
-        limit = min(slot.draft_len, spec.draft_max, room, left, self.n_ctx - len(cached) - 3)
+        limit = self._draft_limit(slot, room)
         if limit < spec.draft_min:
             return []
-        return lookup_draft([*cached, slot.pending[0]], spec, limit)
+        return lookup_draft([*self._cached[slot.seq], slot.pending[0]], spec, limit)
+
+    def _draft_limit(self, slot: _Slot, room: int) -> int:
+        spec = self.speculation
+        assert spec is not None
+        left = slot.job.params.max_new_tokens - slot.generated - 1
+        room_in_context = self.n_ctx - len(self._cached[slot.seq]) - 3
+        return min(slot.draft_len, spec.draft_max, room, left, room_in_context)
+
+    def _model_drafts(self, slots: list[_Slot]) -> None:
+        """Draft for ``slots`` with the draft model (``slot.drafted``): its sequence catches
+        up with the slot's tokens, then each step decodes every drafting slot's last draft
+        in one batch and takes the most likely token."""
+        assert self._dctx is not None and self._dbatch is not None and self.speculation
+        spec = self.speculation
+        dctx, batch = self._dctx, self._dbatch.batch
+        want: dict[int, int] = {}
+        feed: dict[int, list[int]] = {}
+        for slot in slots:
+            slot.drafted = []
+            limit = self._draft_limit(slot, self.n_batch)
+            if limit < spec.draft_min:
+                continue
+            history = [*self._cached[slot.seq], slot.pending[0]]
+            held = self._dcached[slot.seq]
+            common = min(common_prefix(held, history), len(history) - 1)
+            llama_cpp.llama_memory_seq_rm(dctx.memory, slot.seq, common, -1)
+            del held[common:]
+            want[slot.seq], feed[slot.seq] = limit, history[common:]
+        by_seq = {slot.seq: slot for slot in slots}
+        while feed:
+            n, rows = 0, {}
+            for seq, tokens in list(feed.items()):
+                take = tokens[: self.n_batch - n]
+                if not take:
+                    break
+                held = self._dcached[seq]
+                for i, token in enumerate(take):
+                    batch.token[n] = token
+                    batch.pos[n] = len(held) + i
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = seq
+                    batch.logits[n] = False
+                    n += 1
+                held.extend(take)
+                del tokens[: len(take)]
+                if not tokens:
+                    batch.logits[n - 1] = True
+                    rows[seq] = n - 1
+            batch.n_tokens = n
+            if llama_cpp.llama_decode(dctx.ctx, batch) != 0:
+                raise RuntimeError("the draft model's decode failed")
+            for seq, row in rows.items():
+                slot = by_seq[seq]
+                drafted = self._draft_token(row, spec.draft_p_min)
+                del feed[seq]
+                if drafted is None:
+                    continue
+                slot.drafted.append(drafted)
+                if len(slot.drafted) < want[seq]:
+                    feed[seq] = [drafted]
+
+    def _draft_token(self, row: int, p_min: float) -> int | None:
+        """The draft model's most likely token at ``row`` (None: less likely than
+        ``p_min``)."""
+        assert self._dctx is not None
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._dctx.ctx, row), shape=(self._n_vocab,)
+        )
+        token = int(np.argmax(logits))
+        if p_min > 0:
+            shifted = np.exp(logits - logits[token], dtype=np.float64)
+            if 1.0 / shifted.sum() < p_min:
+                return None
+        return token
 
     def _verify(self, slot: _Slot) -> None:
         """Sample the slot at its last token and then at each drafted token in turn, for as

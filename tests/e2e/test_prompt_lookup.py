@@ -73,3 +73,26 @@ def test_prompt_lookup_gives_the_same_replies_and_counts_its_drafts(
     )
     assert drafted > 0 and 0 < accepted <= drafted
     assert re.search(r'llamastream_draft_tokens_total\{model="[^"]+"\} 0\.0', plain_metrics)
+
+
+def test_a_draft_model_gives_the_same_replies(
+    settings_kwargs: dict[str, Any], smollm2: Path
+) -> None:
+    base = {
+        **settings_kwargs,
+        "model_path": smollm2,
+        "n_ctx": 1024,
+        "max_new_tokens": 64,
+        "num_of_concurrent_executions": 4,
+        "repeat_penalty": 1.0,
+    }
+    plain, _ = replies(base)
+    drafted_replies, metrics = replies({**base, "draft_model_path": smollm2})
+    assert drafted_replies == plain
+    drafted = float(re.search(r'llamastream_draft_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1])
+    accepted = float(
+        re.search(r'llamastream_draft_accepted_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1]
+    )
+    # The model drafting for itself: every draft is taken but those past a reply's end (each
+    # of the 4 replies' last draft, at most draft_max = 8 tokens, may run past its end).
+    assert drafted > 40 and drafted - accepted <= 4 * 8

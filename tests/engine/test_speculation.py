@@ -205,3 +205,61 @@ def test_cancellation_ends_a_speculating_slot(
     last = list(events.queue)[-1]
     assert isinstance(last, Finished) and last.reason == "cancelled"
     assert last.completion_tokens < 50
+
+
+@pytest.fixture(scope="module")
+def drafting(tiny_model: Path) -> Iterator[Worker]:
+    """A worker drafting with a draft model that is the model itself: its greedy drafts are
+    what the model samples greedily."""
+    w = _worker(tiny_model, Speculation(draft_max=6, draft_model=str(tiny_model)))
+    yield w
+    w.stop()
+
+
+@pytest.mark.parametrize(
+    "params", PARAMS[:2] + PARAMS[3:], ids=["greedy", "sampled", "bias", "stops"]
+)
+def test_a_draft_model_gives_the_same_replies(
+    workers: tuple[Worker, Worker],
+    drafting: Worker,
+    prompts: list[list[int]],
+    params: SamplingParams,
+) -> None:
+    plain, _ = workers
+    jobs = [(p, params) for p in prompts]
+    reference = run_all(plain, jobs)
+    before = drafting.drafted_tokens
+    for got, want in zip(run_all(drafting, jobs), reference, strict=True):
+        assert same_until_a_tie(got, want)
+    if params.stop == ():
+        assert drafting.drafted_tokens > before
+
+
+def test_greedy_drafts_of_the_model_itself_are_all_accepted(
+    workers: tuple[Worker, Worker], drafting: Worker, prompts: list[list[int]]
+) -> None:
+    plain, _ = workers
+    params = SamplingParams(temperature=0.0, max_new_tokens=100, repeat_penalty=1.0)
+    drafted, accepted = drafting.drafted_tokens, drafting.accepted_tokens
+    events = run_all(drafting, [(prompts[1], params)])[0]
+    made, taken = drafting.drafted_tokens - drafted, drafting.accepted_tokens - accepted
+    assert made > 50
+    assert taken >= 0.95 * made  # (a near-tie may tip the other way in a batched decode)
+    assert same_until_a_tie(events, run_all(plain, [(prompts[1], params)])[0])
+    # Drafts grow while they are taken whole: far fewer steps than tokens.
+    assert made / 100 > 0.5
+
+
+def test_a_draft_model_that_cannot_load_fails_the_start(tiny_model: Path, tmp_path: Path) -> None:
+    w = Worker(
+        0,
+        str(tiny_model),
+        n_slots=1,
+        n_ctx=256,
+        n_batch=32,
+        n_threads=1,
+        speculation=Speculation(draft_model=str(tmp_path / "missing.gguf")),
+    )
+    with pytest.raises(Exception, match=r"missing\.gguf|load"):
+        w.start().result(30)
+    w.stop()
