@@ -428,6 +428,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be below n_ctx ({self.n_ctx})"
             )
+        if self.draft_min > self.draft_max:
+            raise ValueError(
+                f"draft_min ({self.draft_min}) must be at most draft_max ({self.draft_max})"
+            )
         if self.max_tokens_limit is not None and self.max_tokens_limit < self.max_new_tokens:
             raise ValueError(
                 f"max_tokens_limit ({self.max_tokens_limit}) must be at least max_new_tokens "

@@ -128,7 +128,7 @@ class Metrics:
     def _collect_drafts(self) -> Iterator[Metric]:
         drafted = CounterMetricFamily(
             "llamastream_draft_tokens",
-            "Speculative tokens drafted and verified (prompt lookup).",
+            "Speculative tokens drafted and verified (prompt lookup or a draft model).",
             labels=["model"],
         )
         accepted = CounterMetricFamily(

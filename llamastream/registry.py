@@ -272,8 +272,13 @@ class ServedModel:
 
     async def _unload(self) -> None:
         self._closing.clear()
-        self._drafts = self.drafts()
+        workers = list(self.pool.workers)
         await self.pool.stop()
+        made, taken = self._drafts  # counted once the workers are done
+        self._drafts = (
+            made + sum(w.drafted_tokens for w in workers),
+            taken + sum(w.accepted_tokens for w in workers),
+        )
         self.memory = (0, 0)
 
 

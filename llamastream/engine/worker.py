@@ -365,6 +365,13 @@ class Worker:
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        model = self._model.model
+        if self.speculation is not None and (
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        ):
+            # Their state cannot drop the drafted tokens not taken.
+            logger.warning("worker %d: a recurrent model: no speculative decoding", self.index)
+            self.speculation = None
         if self.speculation is not None and self.speculation.draft_model is not None:
             self._load_draft(ctx_params)
         logger.info(
@@ -448,8 +455,12 @@ class Worker:
         try:
             self._load()
         except BaseException as exc:
-            self._unload()  # whatever was loaded before the failure (a draft model's, say)
-            self._ready.set_exception(exc)
+            try:
+                self._unload()  # whatever was loaded before the failure (a draft model's, say)
+            except Exception:
+                logger.exception("worker %d: freeing a failed load failed", self.index)
+            finally:
+                self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
         try:
@@ -658,19 +669,35 @@ class Worker:
         # Generating slots first (one token each), then prompt chunks in the room left.
         order = sorted(self._active.values(), key=lambda s: len(s.pending) > 1)
         if self._dctx is not None:
-            self._model_drafts([s for s in order if len(s.pending) == 1 and not s.forced])
+            drafting = [s for s in order if len(s.pending) == 1 and not s.forced]
+            try:
+                self._model_drafts(drafting)
+            except Exception:  # drafts are an optimisation: the step goes on without them
+                logger.exception("worker %d: the draft model failed; no drafts", self.index)
+                self._forget_drafts()
+                for slot in drafting:
+                    slot.drafted = []
+        generating = sum(1 for s in order if len(s.pending) == 1)
+        # While prompts wait to be read, drafts take at most half of the batch.
+        kept_for_prompts = self.n_batch // 2 if len(order) > generating else 0
         for slot in order:
             room = self.n_batch - n
             if room <= 0:
                 break
             take = slot.pending[:room]
+            if len(slot.pending) == 1:
+                generating -= 1
+            # Drafts leave a row for each generating slot still to be placed.
+            draft_room = room - 1 - generating - kept_for_prompts
             cached = self._cached[slot.seq]
             slot.draft = []
             if len(slot.pending) == 1 and self.speculation is not None and not slot.forced:
                 if self._dctx is not None:
-                    slot.draft, slot.drafted = slot.drafted[: max(room - 1, 0)], []
+                    slot.draft, slot.drafted = slot.drafted[: max(draft_room, 0)], []
+                    if len(slot.draft) < self.speculation.draft_min:
+                        slot.draft = []
                 else:
-                    slot.draft = self._draft(slot, room - 1)
+                    slot.draft = self._draft(slot, draft_room)
                 take = take + slot.draft
             for i, token in enumerate(take):
                 batch.token[n] = token
@@ -757,6 +784,7 @@ class Worker:
         by_seq = {slot.seq: slot for slot in slots}
         while feed:
             n, rows = 0, {}
+            fed: list[tuple[int, list[int]]] = []
             for seq, tokens in list(feed.items()):
                 take = tokens[: self.n_batch - n]
                 if not take:
@@ -769,7 +797,7 @@ class Worker:
                     batch.seq_id[n][0] = seq
                     batch.logits[n] = False
                     n += 1
-                held.extend(take)
+                fed.append((seq, take))
                 del tokens[: len(take)]
                 if not tokens:
                     batch.logits[n - 1] = True
@@ -777,6 +805,8 @@ class Worker:
             batch.n_tokens = n
             if llama_cpp.llama_decode(dctx.ctx, batch) != 0:
                 raise RuntimeError("the draft model's decode failed")
+            for seq, take in fed:
+                self._dcached[seq].extend(take)
             for seq, row in rows.items():
                 slot = by_seq[seq]
                 drafted = self._draft_token(row, spec.draft_p_min)
@@ -786,6 +816,14 @@ class Worker:
                 slot.drafted.append(drafted)
                 if len(slot.drafted) < want[seq]:
                     feed[seq] = [drafted]
+
+    def _forget_drafts(self) -> None:
+        """Empty the draft model's sequences (after a failure: they may not be what
+        ``_dcached`` says)."""
+        if self._dctx is not None:
+            llama_cpp.llama_memory_clear(self._dctx.memory, True)
+        for held in self._dcached:
+            held.clear()
 
     def _draft_token(self, row: int, p_min: float) -> int | None:
         """The draft model's most likely token at ``row`` (None: less likely than
@@ -807,31 +845,39 @@ class Worker:
         (the same sampler chain, penalties, bias and grammar, at the same position), so the
         reply is the same; the cache of the drafted tokens not taken is removed."""
         assert self._ctx is not None
+        assert self._ctx is not None and self.speculation is not None
         cached = self._cached[slot.seq]  # holds the last token now (not the drafted ones)
         draft = slot.draft
         slot.draft = []
         start = slot.logits_at
-        self.drafted_tokens += len(draft)
         taken = 0
-        for i in range(len(draft) + 1):
-            slot.logits_at = start + i
-            token = self._sample(slot)
-            self._after_sample(slot, token)
-            if slot.seq not in self._active or i == len(draft) or token != draft[i]:
-                break
-            # The drafted token is the one sampled: it is in the cache already.
-            slot.pending = []
-            cached.append(draft[i])
-            self.accepted_tokens += 1
-            taken += 1
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, len(cached), -1)
+        try:
+            for i in range(len(draft) + 1):
+                slot.logits_at = start + i
+                token = self._sample(slot)
+                self._after_sample(slot, token)
+                if slot.seq not in self._active or i == len(draft):
+                    break
+                self.drafted_tokens += 1  # (drafts past a reply's end are not counted)
+                if token != draft[i]:
+                    break
+                # The drafted token is the one sampled: it is in the cache already.
+                slot.pending = []
+                cached.append(draft[i])
+                self.accepted_tokens += 1
+                taken += 1
+        finally:
+            if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, len(cached), -1):
+                raise RuntimeError("llama.cpp could not remove the drafted tokens not taken")
         # Each drafted token costs a position of the decode: draft twice as many after a draft
-        # taken whole, one more than was taken otherwise.
-        slot.draft_len = 2 * len(draft) if taken == len(draft) else taken + 1
+        # taken whole, one more than were taken otherwise.
+        grown = 2 * len(draft) if taken == len(draft) else taken + 1
+        slot.draft_len = max(grown, self.speculation.draft_min)
 
     def _fail_all(self, exc: Exception) -> None:
         """End every active job with ``exc`` and forget what their sequences held."""
         assert self._ctx is not None
+        self._forget_drafts()
         for slot in list(self._active.values()):
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, 0, -1)
             self._cached[slot.seq].clear()

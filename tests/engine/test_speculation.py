@@ -263,3 +263,51 @@ def test_a_draft_model_that_cannot_load_fails_the_start(tiny_model: Path, tmp_pa
     with pytest.raises(Exception, match=r"missing\.gguf|load"):
         w.start().result(30)
     w.stop()
+
+
+def test_drafts_leave_room_for_the_other_slots(tiny_model: Path, prompts: list[list[int]]) -> None:
+    """A batch of 8 rows and drafts that grow to 16: the slots still all move together (a
+    drafting slot leaves a row for each other generating slot), and prompts are still read."""
+    w = Worker(
+        0,
+        str(tiny_model),
+        n_slots=3,
+        n_ctx=1024,
+        n_batch=8,
+        n_threads=1,
+        # The model drafting for itself: greedy drafts are all taken, so they grow to 16.
+        speculation=Speculation(draft_max=16, draft_model=str(tiny_model)),
+    )
+    w.start().result(30)
+    try:
+        order: list[tuple[int, str]] = []
+        lock = threading.Lock()
+        params = SamplingParams(temperature=0.0, max_new_tokens=200, repeat_penalty=1.0)
+        jobs = []
+        for i, tokens in enumerate(prompts):
+
+            def note(event: Event, i: int = i) -> None:
+                with lock:
+                    order.append((i, type(event).__name__))
+
+            jobs.append(Job(tokens, params, note))
+        gate = threading.Event()
+        w.call(gate.wait)
+        for seq, job in enumerate(jobs):
+            w.submit(job, seq)
+        gate.set()
+        for job in jobs:
+            assert job.done.wait(60)
+        first_end = next(k for k, (_, kind) in enumerate(order) if kind == "Finished")
+        started = {i for i, kind in order[:first_end] if kind == "TextChunk"}
+        assert started == {0, 1, 2}  # every slot generated before the first one finished
+        assert w.drafted_tokens > 0
+    finally:
+        w.stop()
+
+
+def test_draft_settings_are_checked() -> None:
+    from llamastream.config import Settings
+
+    with pytest.raises(ValueError, match="draft_min"):
+        Settings(model_path="m.gguf", draft_min=9, draft_max=8)
