@@ -52,6 +52,15 @@ def replies(settings: dict[str, Any]) -> tuple[list[str], str]:
         return out, client.get("/metrics").text
 
 
+def draft_counts(metrics: str) -> tuple[float, float]:
+    """The drafted and accepted token counters of the (one) model in ``metrics``."""
+    counts = [
+        float(re.search(rf'llamastream_{name}_total\{{model="[^"]+"\}} (\S+)', metrics)[1])
+        for name in ("draft_tokens", "draft_accepted_tokens")
+    ]
+    return counts[0], counts[1]
+
+
 def test_prompt_lookup_gives_the_same_replies_and_counts_its_drafts(
     settings_kwargs: dict[str, Any], smollm2: Path
 ) -> None:
@@ -67,10 +76,7 @@ def test_prompt_lookup_gives_the_same_replies_and_counts_its_drafts(
     looked_up, metrics = replies({**base, "prompt_lookup": True, "draft_max": 6})
     assert looked_up == plain
     assert all(plain) and len(set(plain)) == 1  # greedy: the same reply four times
-    drafted = float(re.search(r'llamastream_draft_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1])
-    accepted = float(
-        re.search(r'llamastream_draft_accepted_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1]
-    )
+    drafted, accepted = draft_counts(metrics)
     assert drafted > 0 and 0 < accepted <= drafted
     assert re.search(r'llamastream_draft_tokens_total\{model="[^"]+"\} 0\.0', plain_metrics)
 
@@ -89,10 +95,7 @@ def test_a_draft_model_gives_the_same_replies(
     plain, _ = replies(base)
     drafted_replies, metrics = replies({**base, "draft_model_path": smollm2})
     assert drafted_replies == plain
-    drafted = float(re.search(r'llamastream_draft_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1])
-    accepted = float(
-        re.search(r'llamastream_draft_accepted_tokens_total\{model="[^"]+"\} (\S+)', metrics)[1]
-    )
+    drafted, accepted = draft_counts(metrics)
     # The model drafting for itself: every draft is taken but those past a reply's end (each
     # of the 4 replies' last draft, at most draft_max = 8 tokens, may run past its end).
     assert drafted > 40 and drafted - accepted <= 4 * 8
