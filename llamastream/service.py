@@ -16,17 +16,15 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
-from llamastream.chat.reasoning import Thinking
 from llamastream.config import Settings
 from llamastream.engine.embeddings import Embedder
 from llamastream.engine.pool import WorkerPool
-from llamastream.engine.sampling import SamplingParams
-from llamastream.engine.slots import SlotController, Ticket
+from llamastream.engine.slots import SlotController
 from llamastream.errors import ModelNotFoundError, NotReadyError
 from llamastream.metrics import Metrics
 from llamastream.registry import ModelRegistry, ServedModel
 from llamastream.sessions.locks import TurnLocks
-from llamastream.streaming import Callback, Run, Runner, WatchedStreamResponse
+from llamastream.streaming import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -163,36 +161,9 @@ class Service:
         return self.default.slots
 
     @property
-    def runner(self) -> Runner:
-        return self.default.runner
-
-    @property
     def model_id(self) -> str:
         """The id the APIs serve the default model under."""
         return self.default.model_id
-
-    @property
-    def model_names(self) -> set[str]:
-        return self.default.model_names
-
-    def admit(self, tokens: list[int], count: int = 1) -> Ticket:
-        return self.default.admit(tokens, count)
-
-    def respond(self, run: Run) -> WatchedStreamResponse:
-        return self.default.respond(run)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.default.fingerprint
-
-    def default_params(self) -> SamplingParams:
-        return self.default.default_params()
-
-    def thinking(self, prompt: str, budget: int | None = None) -> Thinking | None:
-        return self.default.thinking(prompt, budget)
-
-    async def tokenize(self, text: str) -> list[int]:
-        return await self.default.tokenize(text)
 
     # embeddings
 

@@ -215,7 +215,7 @@ async def embeddings(request: Request, service: ServiceDep) -> Response:
     service.check_ready()
     req = await parse_body(request, None, service.settings.max_body_bytes, EmbeddingRequest)
     embedder, served = service.embeddings()
-    names = {served} | (service.model_names if served == service.model_id else set())
+    names = {served} | (service.default.model_names if served == service.model_id else set())
     if req.model is not None and req.model not in names:
         raise ModelNotFoundError(
             f"the model {req.model!r} does not exist; embeddings come from {served!r}",
@@ -293,7 +293,7 @@ async def responses(request: Request, service: ServiceDep) -> Response:
 
 
 def sampling_for(
-    service: ServedModel,
+    model: ServedModel,
     req: ChatCompletionRequest | CompletionRequest,
     tokens: list[int],
     tool_use: ToolUse | None = None,
@@ -302,11 +302,11 @@ def sampling_for(
     """The sampling parameters of a request whose prompt is ``tokens``: the server's
     defaults, the request's own, its tools' grammar, and the model's reasoning budget."""
     params = req.sampling(
-        service.default_params(),
+        model.default_params(),
         n_prompt=len(tokens),
-        n_ctx=service.settings.n_ctx,
-        limit=service.settings.reply_limit(),
-        n_vocab=service.pool.n_vocab,
+        n_ctx=model.settings.n_ctx,
+        limit=model.settings.reply_limit(),
+        n_vocab=model.pool.n_vocab,
         tool_use=tool_use,
     )
     if thinking is not None:
@@ -315,21 +315,21 @@ def sampling_for(
 
 
 def prepare_chat(
-    service: ServedModel, req: ChatCompletionRequest, *, wants_thinking: str | None = None
+    model: ServedModel, req: ChatCompletionRequest, *, wants_thinking: str | None = None
 ) -> tuple[str, ToolUse | None, Thinking | None]:
     """A chat request's prompt text (the model's template, the server's system prompt, the
     tools offered), its tool use, and how the model thinks in its reply; a request that asks
     for thinking (in its field ``wants_thinking``) from a model that does not think: 400."""
-    req.check_lengths(service.settings.max_input_chars)
-    pool = service.pool
+    req.check_lengths(model.settings.max_input_chars)
+    pool = model.pool
     tool_use = req.tool_use(pool.template)
-    text = req.prompt_text(pool.template, pool.defuse, service.settings.system_prompt, tool_use)
-    thinking = service.thinking(text, req.reasoning_budget)
+    text = req.prompt_text(pool.template, pool.defuse, model.settings.system_prompt, tool_use)
+    thinking = model.thinking(text, req.reasoning_budget)
     if wants_thinking is None and req.reasoning_budget is not None and req.reasoning_budget > 0:
         wants_thinking = "reasoning_budget"
     if wants_thinking is not None and thinking is None:
         raise InvalidRequestError(
-            f"{wants_thinking}: the model {service.model_id!r} does not think (its template "
+            f"{wants_thinking}: the model {model.model_id!r} does not think (its template "
             "writes no reasoning)",
             field=wants_thinking,
         )
