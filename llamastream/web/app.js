@@ -24,6 +24,17 @@
   let modelsSeq = 0; // a model list older than the latest request or choice is dropped
   let modelChange = null; // the pending choice of a model: a promise of whether it was saved
 
+  // Every response sets the session cookie, and one on a session not yet stored names a new
+  // one: requests in flight together could leave the cookie of a later-answered request that
+  // missed what an earlier one stored (a model just chosen, say). Each request therefore
+  // goes out once the one before has its answer's headers (and so its cookie).
+  let sessionTurn = Promise.resolve();
+  function sessionFetch(url, options) {
+    const sent = sessionTurn.then(function () { return fetch(url, options); });
+    sessionTurn = sent.then(function () {}, function () {});
+    return sent;
+  }
+
   function addMessage(role, text, partial, reasoning) {
     const div = document.createElement("div");
     div.className = "message " + role + (partial ? " partial" : "");
@@ -81,7 +92,7 @@
   }
 
   async function loadHistory() {
-    const response = await fetch("/get_prompt");
+    const response = await sessionFetch("/get_prompt");
     if (!response.ok) return;
     const data = await response.json();
     messages.textContent = "";
@@ -113,7 +124,7 @@
         if (!regenerate) input.value = userInput;
         return;
       }
-      const response = await fetch("/chat_stream", {
+      const response = await sessionFetch("/chat_stream", {
         method: "POST",
         headers: { "content-type": "application/json", accept: "application/x-ndjson" },
         body: JSON.stringify(body),
@@ -233,7 +244,7 @@
     if (!regenerateButton.disabled) send(null, true);
   });
   clearButton.addEventListener("click", async function () {
-    const response = await fetch("/clear_context", { method: "POST" });
+    const response = await sessionFetch("/clear_context", { method: "POST" });
     if (response.ok) {
       messages.textContent = "";
       showNotice("");
@@ -249,7 +260,7 @@
   });
 
   async function loadParams() {
-    const response = await fetch("/get_generation_params");
+    const response = await sessionFetch("/get_generation_params");
     if (!response.ok) return;
     const params = await response.json();
     for (const name of paramFields) document.getElementById(name).value = params[name];
@@ -258,7 +269,7 @@
   for (const name of paramFields) {
     document.getElementById(name).addEventListener("change", async function (event) {
       const value = Number(event.target.value);
-      const response = await fetch("/set_generation_params", {
+      const response = await sessionFetch("/set_generation_params", {
         method: "POST",
         headers: { "content-type": "application/json" },
         body: JSON.stringify({ [name]: value }),
@@ -281,7 +292,7 @@
   // is only one model, so that page looks as it always has.
   async function refreshModels() {
     const seq = ++modelsSeq;
-    const response = await fetch("/get_models").catch(function () { return null; });
+    const response = await sessionFetch("/get_models").catch(function () { return null; });
     if (!response || !response.ok) return;
     const data = await response.json();
     if (seq !== modelsSeq || modelChange) return; // a newer list or a choice came since
@@ -314,7 +325,7 @@
     showNotice("");
     modelChange = (async function () {
       try {
-        const response = await fetch("/set_generation_params", {
+        const response = await sessionFetch("/set_generation_params", {
           method: "POST",
           headers: { "content-type": "application/json" },
           body: JSON.stringify({ model: chosen }),
@@ -335,7 +346,7 @@
     });
   });
 
-  fetch("/health").then(function (r) { return r.json(); }).then(function (health) {
+  sessionFetch("/health").then(function (r) { return r.json(); }).then(function (health) {
     if (modelChoice.hidden) modelName.textContent = health.model || "";
   }).catch(function () {});
   loadHistory();

@@ -212,7 +212,11 @@ def test_model_picker_chooses_the_sessions_model(
         ]
 
         page.select_option("#model-picker", "second")
-        eventually(lambda: page.evaluate(models)["model"] == "second")
+        # Once the choice is saved the picker is enabled again (the test's own request then
+        # carries the cookie the page holds: asked meanwhile, on a session not yet stored, it
+        # would be issued a new one).
+        page.wait_for_function("() => !document.getElementById('model-picker').disabled")
+        assert page.evaluate(models)["model"] == "second"
         # The picker is disabled while the turn runs, as the other controls are.
         page.evaluate(
             """() => { window.pickerWhileBusy = [];
@@ -266,7 +270,11 @@ def test_model_picker_chooses_the_sessions_model(
             " === 'broken — failed'"
         )
         page.select_option("#model-picker", "second")
-        eventually(lambda: page.evaluate(models)["model"] == "second")
+        # Once the choice is saved the picker is enabled again (the test's own request then
+        # carries the cookie the page holds: asked meanwhile, on a session not yet stored, it
+        # would be issued a new one).
+        page.wait_for_function("() => !document.getElementById('model-picker').disabled")
+        assert page.evaluate(models)["model"] == "second"
 
         page.reload()
         page.wait_for_selector("#model-picker option[value=second]", state="attached")
