@@ -558,20 +558,27 @@ def main() -> None:
     write_report(args, results, multi)
 
 
-def write_report(
-    args: argparse.Namespace,
-    results: dict[str, list[Level]],
-    multi: dict[str, tuple[list[float], list[float]]],
-) -> None:
+def report_head(args: argparse.Namespace) -> list[str]:
+    """A report's title, command, machine and date lines."""
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
     )
-    lines = [
+    return [
         f"# Benchmark: {args.name}",
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    ]
+
+
+def write_report(
+    args: argparse.Namespace,
+    results: dict[str, list[Level]],
+    multi: dict[str, tuple[list[float], list[float]]],
+) -> None:
+    lines = [
+        *report_head(args),
         f"- Model: `{args.model.name}`; task `{args.task}`; {args.tokens} generated tokens per "
         "request (end of sequence suppressed), greedy, no repetition penalty; "
         f"{args.slots} slots of {args.n_ctx} tokens; {args.rounds} requests per client.",
@@ -654,15 +661,8 @@ def write_report(
 
 
 def write_restart_report(args: argparse.Namespace, restarts: dict[str, Restart]) -> None:
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
-    )
     lines = [
-        f"# Benchmark: {args.name}",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine()}",
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *report_head(args),
         f"- Model: `{args.model.name}`; {args.conversations} conversations x {args.turns} turns "
         f"on {args.slots} slots of {args.n_ctx} tokens, round-robin, one request at a time, "
         f"each turn resending the whole history; {args.reply_tokens}-token replies (end of "

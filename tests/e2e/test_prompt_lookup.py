@@ -52,6 +52,18 @@ def replies(settings: dict[str, Any]) -> tuple[list[str], str]:
         return out, client.get("/metrics").text
 
 
+def greedy_smollm2(settings_kwargs: dict[str, Any], smollm2: Path) -> dict[str, Any]:
+    """Settings of a SmolLM2 server with 4 slots and no repetition penalty."""
+    return {
+        **settings_kwargs,
+        "model_path": smollm2,
+        "n_ctx": 1024,
+        "max_new_tokens": 64,
+        "num_of_concurrent_executions": 4,
+        "repeat_penalty": 1.0,
+    }
+
+
 def draft_counts(metrics: str) -> tuple[float, float]:
     """The drafted and accepted token counters of the (one) model in ``metrics``."""
     counts = [
@@ -64,14 +76,7 @@ def draft_counts(metrics: str) -> tuple[float, float]:
 def test_prompt_lookup_gives_the_same_replies_and_counts_its_drafts(
     settings_kwargs: dict[str, Any], smollm2: Path
 ) -> None:
-    base = {
-        **settings_kwargs,
-        "model_path": smollm2,
-        "n_ctx": 1024,
-        "max_new_tokens": 64,
-        "num_of_concurrent_executions": 4,
-        "repeat_penalty": 1.0,
-    }
+    base = greedy_smollm2(settings_kwargs, smollm2)
     plain, plain_metrics = replies(base)
     looked_up, metrics = replies({**base, "prompt_lookup": True, "draft_max": 6})
     assert looked_up == plain
@@ -84,14 +89,7 @@ def test_prompt_lookup_gives_the_same_replies_and_counts_its_drafts(
 def test_a_draft_model_gives_the_same_replies(
     settings_kwargs: dict[str, Any], smollm2: Path
 ) -> None:
-    base = {
-        **settings_kwargs,
-        "model_path": smollm2,
-        "n_ctx": 1024,
-        "max_new_tokens": 64,
-        "num_of_concurrent_executions": 4,
-        "repeat_penalty": 1.0,
-    }
+    base = greedy_smollm2(settings_kwargs, smollm2)
     plain, _ = replies(base)
     drafted_replies, metrics = replies({**base, "draft_model_path": smollm2})
     assert drafted_replies == plain
