@@ -163,9 +163,10 @@ class WorkerPool:
         shares = [
             self.n_slots // n_workers + (i < self.n_slots % n_workers) for i in range(n_workers)
         ]
+        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
         if self.auto_layers and devices:
-            offloads = self._fit_layers(meta, devices, offloads, shares, pinned)
-        self.placements = self._place(meta, devices, offloads, shares, pinned)
+            offloads = self._fit_layers(shape, devices, offloads, shares, pinned)
+        self.placements = self._place(shape, devices, offloads, shares, pinned)
         self.workers = [
             Worker(
                 i,
@@ -234,7 +235,7 @@ class WorkerPool:
 
     def _fit_layers(
         self,
-        meta: dict[str, str],
+        shape: ModelShape | None,
         devices: list[DeviceMemory],
         offloads: list[Offload],
         shares: list[int],
@@ -242,7 +243,6 @@ class WorkerPool:
     ) -> list[Offload]:
         """n_gpu_layers auto: each worker offloads the most layers that fit beside its slots'
         KV cache (logged with what would fit more)."""
-        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
         if shape is None:
             logger.warning(
                 "%s: no layer shape in its metadata; all layers offloaded", self.model_name
@@ -301,14 +301,13 @@ class WorkerPool:
 
     def _place(
         self,
-        meta: dict[str, str],
+        shape: ModelShape | None,
         devices: list[DeviceMemory],
         offloads: list[Offload],
         shares: list[int],
         pinned: bool,
     ) -> list[Placement]:
         """Each worker's placement, logged; `GpuMemoryError` when they do not fit."""
-        shape = ModelShape.from_metadata(meta, self.model_path.stat().st_size)
         if shape is None:
             logger.warning(
                 "%s: no layer shape in its metadata; GPU memory is not checked", self.model_name
