@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 from starlette.types import Scope
 
 from llamastream.engine.slots import SlotController
+from llamastream.engine.worker import StepTimes
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -43,7 +44,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._drafts: dict[str, Callable[[], tuple[int, int]]] = {}
+        self._steps: dict[str, Callable[[], StepTimes]] = {}
         registry.register(_Collector(self._collect_drafts))
+        registry.register(_Collector(self._collect_steps))
         self.http_requests = Counter(
             "llamastream_http_requests",
             "HTTP requests answered, by route template, method and status.",
@@ -102,6 +105,20 @@ class Metrics:
         self.generated_tokens = Counter(
             "llamastream_generated_tokens", "Tokens generated.", ["model"], registry=registry
         )
+        self.events = Counter(
+            "llamastream_stream_events",
+            "Events (text, the end) the workers handed to the streams.",
+            ["model"],
+            registry=registry,
+        )
+        self.event_wait = Counter(
+            "llamastream_stream_event_wait_seconds",
+            "Seconds the events waited between a worker handing them over and their stream "
+            "taking them (the event loop's lag, and slow readers'): divided by the events, the "
+            "mean wait.",
+            ["model"],
+            registry=registry,
+        )
         self.tokens_per_second = Histogram(
             "llamastream_generation_tokens_per_second",
             "Decoding speed of each reply, from its first to its last token.",
@@ -116,10 +133,13 @@ class Metrics:
         slots: SlotController,
         loaded: Callable[[], bool],
         drafts: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        steps: Callable[[], StepTimes] = StepTimes,
     ) -> None:
         """Report a configured model's slots, queue and state under its ``model`` label;
-        ``drafts``: its speculative tokens drafted and accepted so far."""
+        ``drafts``: its speculative tokens drafted and accepted so far; ``steps``: what its
+        decode steps took so far."""
         self._drafts[name] = drafts
+        self._steps[name] = steps
         self.queue_depth.labels(name).set_function(lambda: slots.load().waiting)
         self.busy_slots.labels(name).set_function(lambda: slots.load().processing)
         self.slots.labels(name).set(slots.n_slots)
@@ -142,6 +162,45 @@ class Metrics:
             accepted.add_metric([name], taken)
         yield drafted
         yield accepted
+
+    def _collect_steps(self) -> Iterator[Metric]:
+        steps = CounterMetricFamily(
+            "llamastream_decode_steps",
+            "Decode steps: each one llama_decode over every active slot.",
+            labels=["model"],
+        )
+        tokens = CounterMetricFamily(
+            "llamastream_decode_step_tokens",
+            "Tokens the decode steps decoded (prompt chunks, generated and drafted tokens).",
+            labels=["model"],
+        )
+        slots = CounterMetricFamily(
+            "llamastream_decode_step_slots",
+            "Active slots summed over the decode steps (divided by the steps: the batch width).",
+            labels=["model"],
+        )
+        runs = CounterMetricFamily(
+            "llamastream_decode_step_runs",
+            "Runs of consecutive slots summed over the decode steps: llama.cpp computes each "
+            "run of a step apart (a pass over the weights each).",
+            labels=["model"],
+        )
+        seconds = CounterMetricFamily(
+            "llamastream_decode_step_seconds",
+            "Time of the decode steps by phase: build (starting jobs, filling the batch), "
+            "draft (the draft model), decode (llama_decode), sample, emit (detokenizing, stop "
+            "strings, handing text to the event loop).",
+            labels=["model", "phase"],
+        )
+        for name, read in self._steps.items():
+            times = read()
+            steps.add_metric([name], times.steps)
+            tokens.add_metric([name], times.tokens)
+            slots.add_metric([name], times.slots)
+            runs.add_metric([name], times.runs)
+            for phase in StepTimes.PHASES:
+                seconds.add_metric([name, phase], getattr(times, phase))
+        yield from (steps, tokens, slots, runs, seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

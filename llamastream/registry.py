@@ -30,6 +30,7 @@ from llamastream.engine.pool import WorkerPool
 from llamastream.engine.sampling import SamplingParams
 from llamastream.engine.slots import SlotController, Ticket
 from llamastream.engine.states import StateStore, model_fingerprint
+from llamastream.engine.worker import StepTimes
 from llamastream.errors import (
     LlamaStreamError,
     ModelNotFoundError,
@@ -107,7 +108,11 @@ class ServedModel:
             model=self.name,
         )
         metrics.add_model(
-            self.name, self.slots, lambda: self.state == "loaded", lambda: self.drafts()
+            self.name,
+            self.slots,
+            lambda: self.state == "loaded",
+            drafts=lambda: self.drafts(),
+            steps=lambda: self.step_times(),
         )
         self.state: State = "unloaded"
         self.error: str | None = None  # why the last load failed
@@ -121,6 +126,7 @@ class ServedModel:
         self.retry_after: int | None = None  # the last failure's Retry-After (None: permanent)
         self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
         self._drafts = (0, 0)  # speculative counts of the workers of earlier loads
+        self._times = StepTimes()  # and their steps' times
 
     # what the routes use
 
@@ -193,6 +199,10 @@ class ServedModel:
         """Speculative tokens drafted and accepted since the server started."""
         made, taken = self.pool.speculation()
         return made + self._drafts[0], taken + self._drafts[1]
+
+    def step_times(self) -> StepTimes:
+        """What the decode steps took since the server started."""
+        return self._times + self.pool.step_times()
 
     # use and state
 
@@ -279,6 +289,7 @@ class ServedModel:
             made + sum(w.drafted_tokens for w in workers),
             taken + sum(w.accepted_tokens for w in workers),
         )
+        self._times = sum((w.times for w in workers), self._times)
         self.memory = (0, 0)
 
 

@@ -52,24 +52,35 @@ T = TypeVar("T")
 
 
 class EventBridge(Generic[T]):
-    """``put()`` from any thread; ``await get()`` on the loop that created the bridge."""
+    """``put()`` from any thread; ``await get()`` on the loop that created the bridge.
+
+    Counts the items taken and the seconds each waited between ``put()`` and being taken (the
+    event loop's lag behind the worker, and a slow reader's).
+    """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[T] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[float, T]] = asyncio.Queue()
+        self.taken = 0
+        self.waited = 0.0
 
     def put(self, item: T) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (time.perf_counter(), item))
 
     async def get(self) -> T:
-        return await self._queue.get()
+        return self._take(await self._queue.get())
 
     async def get_all(self) -> list[T]:
         """Wait for one item, then take every item already waiting too."""
-        items = [await self._queue.get()]
+        items = [self._take(await self._queue.get())]
         while not self._queue.empty():
-            items.append(self._queue.get_nowait())
+            items.append(self._take(self._queue.get_nowait()))
         return items
+
+    def _take(self, entry: tuple[float, T]) -> T:
+        self.taken += 1
+        self.waited += time.perf_counter() - entry[0]
+        return entry[1]
 
 
 class WatchedStreamResponse(Response):
@@ -488,6 +499,9 @@ class Runner:
             while not all(c.finished is not None for c in run.candidates):
                 run.take(await run.bridge.get())
             run.ticket.release()
+            if self.metrics is not None:
+                self.metrics.events.labels(self.model).inc(run.bridge.taken)
+                self.metrics.event_wait.labels(self.model).inc(run.bridge.waited)
             if run.on_settle is not None:
                 try:
                     await run.on_settle(run)

@@ -58,10 +58,35 @@ class Level:
     broken: int = 0
     refused: int = 0
     requests: int = 0
+    # llamastream's step timers over the level (`/metrics` deltas), or llama-server's timing
+    # log: generation and prompt milliseconds and tokens of its requests.
+    steps: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    rates: list[float] = field(default_factory=list)  # each repeat's, once merged
 
     @property
     def rate(self) -> float:
+        """Aggregate tokens/s: the median over the repeats once merged."""
+        if self.rates:
+            return statistics.median(self.rates)
         return self.tokens / self.wall if self.wall else 0.0
+
+
+def merge(levels: list[Level]) -> Level:
+    """One level's repeats as one: the median rate, every TTFT, counts and timers summed."""
+    out = Level(levels[0].concurrency, rates=[lv.rate for lv in levels])
+    for lv in levels:
+        out.tokens += lv.tokens
+        out.wall += lv.wall
+        out.ttft += lv.ttft
+        out.broken += lv.broken
+        out.refused += lv.refused
+        out.requests += lv.requests
+        for mine, theirs in ((out.steps, lv.steps), (out.timings, lv.timings)):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0.0) + value
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,6 +118,7 @@ def eog_tokens(model: Path) -> list[int]:
 
 @contextlib.contextmanager
 def server(name: str, args: list[str], port: int, log_dir: Path) -> Iterator[str]:
+    """Run a server (its output in ``log_dir/<name>.log``) until it answers; its URL."""
     log = (log_dir / f"{name}.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -188,8 +214,61 @@ def request_body(i: int, args: argparse.Namespace, extra: dict[str, Any]) -> dic
     }
 
 
-async def measure_level(url: str, c: int, args: argparse.Namespace, extra: dict[str, Any]) -> Level:
+STEP_FAMILIES = {
+    "llamastream_decode_steps": "steps",
+    "llamastream_decode_step_tokens": "tokens",
+    "llamastream_decode_step_slots": "slots",
+    "llamastream_decode_step_runs": "runs",
+    "llamastream_stream_events": "events",
+    "llamastream_stream_event_wait_seconds": "event_wait",
+}
+TIMING = re.compile(r"\| +(prompt eval|eval) time = +([\d.]+) ms / +(\d+) tokens")
+
+
+def step_counters(url: str) -> dict[str, float]:
+    """llamastream's decode-step counters from `/metrics`, summed over models (empty for a
+    server without them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200 or "llamastream_decode_steps" not in response.text:
+        return {}
+    text = response.text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name in STEP_FAMILIES and sample.name.endswith("_total"):
+                key = STEP_FAMILIES[family.name]
+            elif family.name == "llamastream_decode_step_seconds":
+                key = sample.labels.get("phase", "")
+            else:
+                continue
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def server_timings(log: str) -> dict[str, float]:
+    """llama-server's own timing lines (one pair per request): generation and prompt
+    milliseconds and tokens, summed."""
+    out = {"eval_ms": 0.0, "eval_tokens": 0.0, "prompt_ms": 0.0, "prompt_tokens": 0.0}
+    for kind, ms, tokens in TIMING.findall(log):
+        prefix = "prompt" if kind == "prompt eval" else "eval"
+        out[f"{prefix}_ms"] += float(ms)
+        out[f"{prefix}_tokens"] += int(tokens)
+    return out
+
+
+async def measure_level(
+    url: str, c: int, args: argparse.Namespace, extra: dict[str, Any], log: Path | None = None
+) -> Level:
+    """``c`` clients, ``args.rounds`` requests each; with the server's step counters (or,
+    from ``log``, llama-server's timing lines) over the level."""
     level = Level(c)
+    before = await asyncio.to_thread(step_counters, url)
+    log_at = log.stat().st_size if log is not None else 0
     timeout = httpx.Timeout(args.timeout)
     async with httpx.AsyncClient(
         timeout=timeout, limits=httpx.Limits(max_connections=c + 4)
@@ -213,6 +292,12 @@ async def measure_level(url: str, c: int, args: argparse.Namespace, extra: dict[
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(c)))
         level.wall = time.perf_counter() - start
+    after = await asyncio.to_thread(step_counters, url)
+    level.steps = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    if log is not None:
+        with log.open("rb") as f:
+            f.seek(log_at)
+            level.timings = server_timings(f.read().decode(errors="replace"))
     return level
 
 
@@ -412,6 +497,13 @@ def main() -> None:
         help="also measure llama-server started with these extra arguments, e.g. "
         "'ngram=--spec-type ngram-simple' (repeatable)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure every server this many times, in turn (a shared machine's noise: the "
+        "report gives median tokens/s and each run's ratio)",
+    )
     parser.add_argument("--name", default="cpu", help="output file name in docs/benchmarks/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
@@ -533,29 +625,36 @@ def main() -> None:
             restarts[name] = measure_restart(name, cmd, port, extra, args, log_dir, state_dir)
         write_restart_report(args, restarts)
         return
-    results: dict[str, list[Level]] = {}
+    runs: dict[str, list[list[Level]]] = {}
     multi: dict[str, tuple[list[float], list[float]]] = {}
     if "raw" in wanted:
         print("raw in-process llama-cpp-python …", flush=True)
-        results["raw llama-cpp-python (in-process)"] = [raw_floor(args)]
-    for name, cmd, extra, port in targets:
-        print(f"{name} …", flush=True)
-        with server(re.sub(r"\W+", "-", name), cmd, port, log_dir) as url:
-            asyncio.run(
-                measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
-            )  # warm-up
-            results[name] = [
-                asyncio.run(measure_level(url, c, args, extra)) for c in args.concurrency
-            ]
-            for level in results[name]:
-                print(
-                    f"  c={level.concurrency}: {level.rate:.0f} tok/s, "
-                    f"broken {level.broken}, refused {level.refused}",
-                    flush=True,
-                )
-            if args.turns > 1 and args.conversations > 0:
-                multi[name] = asyncio.run(measure_multi_turn(url, args, extra))
-    write_report(args, results, multi)
+        runs["raw llama-cpp-python (in-process)"] = [[raw_floor(args)]]
+    for repeat in range(args.repeat):
+        # Every server once per repeat, in turn (the order reversed every other repeat), so
+        # that a slow spell of a shared machine falls on all of them.
+        for name, cmd, extra, port in targets if repeat % 2 == 0 else targets[::-1]:
+            print(f"{name} (run {repeat + 1} of {args.repeat}) …", flush=True)
+            label = re.sub(r"\W+", "-", name)
+            # llama-server's timing lines are read from its log.
+            log = log_dir / f"{label}.log" if cmd[0] == str(args.llama_server) else None
+            with server(label, cmd, port, log_dir) as url:
+                asyncio.run(
+                    measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
+                )  # warm-up
+                levels = [
+                    asyncio.run(measure_level(url, c, args, extra, log)) for c in args.concurrency
+                ]
+                runs.setdefault(name, []).append(levels)
+                for level in levels:
+                    print(
+                        f"  c={level.concurrency}: {level.rate:.0f} tok/s, "
+                        f"broken {level.broken}, refused {level.refused}",
+                        flush=True,
+                    )
+                if repeat == 0 and args.turns > 1 and args.conversations > 0:
+                    multi[name] = asyncio.run(measure_multi_turn(url, args, extra))
+    write_report(args, runs, multi)
 
 
 def report_head(args: argparse.Namespace) -> list[str]:
@@ -572,16 +671,45 @@ def report_head(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def ratio(runs: dict[str, list[list[Level]]], a: str, b: str, c: int, c_b: int = 0) -> str:
+    """``a``'s rate at concurrency ``c`` over ``b``'s at ``c_b`` (default ``c``): the median
+    of the repeats' ratios (each repeat measured the two close in time), and their range."""
+    c_b = c_b or c
+    ratios = []
+    # The raw floor is measured once: every run of ``a`` is set against it.
+    others = runs[b] if len(runs[b]) == len(runs[a]) else runs[b][:1] * len(runs[a])
+    for mine, theirs in zip(runs[a], others, strict=True):
+        x = next((lv.rate for lv in mine if lv.concurrency == c), 0.0)
+        y = next((lv.rate for lv in theirs if lv.concurrency == c_b), 0.0)
+        if x and y:
+            ratios.append(x / y)
+    if not ratios:
+        return ""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{statistics.median(ratios):.2f} (runs: {', '.join(f'{r:.2f}' for r in ratios)})"
+
+
 def write_report(
     args: argparse.Namespace,
-    results: dict[str, list[Level]],
+    runs: dict[str, list[list[Level]]],
     multi: dict[str, tuple[list[float], list[float]]],
 ) -> None:
+    results = {
+        name: [merge([levels[i] for levels in repeats]) for i in range(len(repeats[0]))]
+        for name, repeats in runs.items()
+    }
+    repeats = (
+        f" Each server measured {args.repeat} times, in turn: tokens/s are the medians, TTFTs "
+        "and counts pooled over the runs."
+        if args.repeat > 1
+        else ""
+    )
     lines = [
         *report_head(args),
         f"- Model: `{args.model.name}`; task `{args.task}`; {args.tokens} generated tokens per "
         "request (end of sequence suppressed), greedy, no repetition penalty; "
-        f"{args.slots} slots of {args.n_ctx} tokens; {args.rounds} requests per client.",
+        f"{args.slots} slots of {args.n_ctx} tokens; {args.rounds} requests per client." + repeats,
         f"- Threads: {threads_note(args)}.",
         "",
         "| server | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) "
@@ -595,29 +723,31 @@ def write_report(
                 f"{pct(lv.ttft, 0.95) * 1000:.0f} | {lv.broken} | {lv.refused} | {lv.requests} |"
             )
     ours = results.get("llamastream")
-    raw = results.get("raw llama-cpp-python (in-process)")
+    raw = "raw llama-cpp-python (in-process)"
     if ours:
         lines += ["", "## Ratios", ""]
         by_c = {lv.concurrency: lv for lv in ours}
-        if raw and 1 in by_c:
+        if raw in runs and 1 in by_c:
             lines.append(
-                f"- llamastream at concurrency 1 / raw in-process: {by_c[1].rate / raw[0].rate:.2f}"
+                f"- llamastream at concurrency 1 / raw in-process: "
+                f"{ratio(runs, 'llamastream', raw, 1)}"
             )
         top = max(by_c)
         if 1 in by_c and top != 1:
             lines.append(
                 f"- llamastream at concurrency {top} / llamastream at 1: "
-                f"{by_c[top].rate / by_c[1].rate:.2f}"
+                f"{ratio(runs, 'llamastream', 'llamastream', top, 1)}"
             )
         for name, levels in results.items():
-            if name in ("llamastream", "raw llama-cpp-python (in-process)"):
+            if name in ("llamastream", raw):
                 continue
             for lv in levels:
                 if lv.concurrency in by_c and lv.rate:
                     lines.append(
                         f"- llamastream / {name} at concurrency {lv.concurrency}: "
-                        f"{by_c[lv.concurrency].rate / lv.rate:.2f}"
+                        f"{ratio(runs, 'llamastream', name, lv.concurrency)}"
                     )
+    lines += step_table(results)
     if multi:
         lines += [
             "",
@@ -658,6 +788,60 @@ def write_report(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / f"{args.name}.png", dpi=110)
+
+
+PHASES = ("build", "draft", "decode", "sample", "emit")
+
+
+def step_table(results: dict[str, list[Level]]) -> list[str]:
+    """Where a step's time goes: llamastream's own step timers, and llama-server's timing
+    log beside them."""
+    rows = []
+    for name, levels in results.items():
+        for lv in levels:
+            st, tm = lv.steps, lv.timings
+            if st.get("steps"):
+                n = st["steps"]
+                busy = sum(st.get(p, 0.0) for p in PHASES)
+                wait = st.get("event_wait", 0.0) / max(st.get("events", 0.0), 1.0) * 1000
+                per = " | ".join(f"{st.get(p, 0.0) / n * 1000:.1f}" for p in PHASES)
+                rows.append(
+                    f"| {name} | {lv.concurrency} | {busy / n * 1000:.1f} | {per} | "
+                    f"{st['slots'] / n:.1f} | {st['tokens'] / n:.1f} | {st['runs'] / n:.2f} | "
+                    f"{100 * busy / lv.wall:.0f}% | {wait:.2f} | - | - |"
+                )
+            elif tm.get("eval_tokens"):
+                eval_ms = tm["eval_ms"] / tm["eval_tokens"]
+                prompt_ms = tm["prompt_ms"] / max(tm["prompt_tokens"], 1)
+                rows.append(
+                    f"| {name} | {lv.concurrency} | {' | '.join(['-'] * 11)} | {eval_ms:.1f} | "
+                    f"{prompt_ms:.2f} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Decode steps",
+        "",
+        "llamastream's own step timers (`llamastream_decode_step_*` in `/metrics`, over the "
+        "level): milliseconds per step in all and by phase (build: starting jobs and filling "
+        "the batch; draft: the draft model; decode: `llama_decode`, taking the GIL back "
+        "included; sample: the sampler chains, penalties, drafts verified; emit: "
+        "detokenizing, stop strings, handing text to the event loop), active slots and batch "
+        "rows per step, runs of consecutive slots per step (llama.cpp computes each run "
+        "apart, a pass over the weights each), the share of the level's wall time spent "
+        "in steps, and the mean wait of a worker's event (text, the end) before its stream "
+        "took it on the event loop (`llamastream_stream_event_wait_seconds`). llama-server "
+        "has no step timer: its timing log gives each request's generation milliseconds per "
+        "token (one token per step per slot: its step time while the request generates) and "
+        "prompt milliseconds per token.",
+        "",
+        "| server | concurrency | ms per step | build | draft | decode | sample | emit "
+        "| slots per step | rows per step | runs per step | in steps | event wait (ms) "
+        "| llama-server eval ms per token | llama-server prompt ms per token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def write_restart_report(args: argparse.Namespace, restarts: dict[str, Restart]) -> None:

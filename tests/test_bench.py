@@ -20,11 +20,19 @@ def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     report = (tmp_path / "smoke.md").read_text()
     assert "- Command: `python scripts/bench.py" in report
     rows = [line for line in report.splitlines() if line.startswith("| llamastream |")]
-    assert len(rows) == 3  # concurrency 1 and 2, and the multi-turn row
+    assert len(rows) == 5  # concurrency 1 and 2, their decode steps, and the multi-turn row
     cells = rows[1].split("|")
     assert float(cells[3]) > 0  # aggregate tokens/s at concurrency 2
     assert cells[6].strip() == "0" and cells[7].strip() == "0"  # nothing broken or refused
     assert "llamastream at concurrency 1 / raw in-process" in report
+    # The step breakdown, from the server's own timers: the phases add up to the step.
+    steps = report.split("## Decode steps")[1]
+    row = next(line for line in steps.splitlines() if line.startswith("| llamastream | 2 |"))
+    cells = [c.strip() for c in row.split("|")[3:-1]]
+    per_step, phases = float(cells[0]), [float(c) for c in cells[1:6]]
+    assert per_step > 0 and phases[2] > 0  # time in llama_decode
+    assert abs(sum(phases) - per_step) <= 0.3  # (six figures, each rounded to 0.1 ms)
+    assert 1 <= float(cells[6]) <= 2  # active slots per step
 
 
 def test_bench_restart_smoke(tiny_model: Path, tmp_path: Path) -> None:

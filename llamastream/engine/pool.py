@@ -30,7 +30,14 @@ from llamastream.engine.gpu import (
     resolve_workers,
 )
 from llamastream.engine.states import StateStore, model_fingerprint
-from llamastream.engine.worker import Job, SavedState, Speculation, Worker, load_llama
+from llamastream.engine.worker import (
+    Job,
+    SavedState,
+    Speculation,
+    StepTimes,
+    Worker,
+    load_llama,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +231,10 @@ class WorkerPool:
             sum(w.drafted_tokens for w in self.workers),
             sum(w.accepted_tokens for w in self.workers),
         )
+
+    def step_times(self) -> StepTimes:
+        """What the workers' decode steps took so far, summed."""
+        return sum((w.times for w in self.workers), StepTimes())
 
     def gpu_bytes(self) -> dict[int, int]:
         """GPU bytes per device the planned workers take."""

@@ -20,9 +20,10 @@ import queue
 import random
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import llama_cpp
@@ -113,6 +114,30 @@ class SavedState:
 
 
 StateSink = Callable[[str, SavedState], None]
+
+
+@dataclass
+class StepTimes:
+    """What a worker's decode steps took, summed since it started.
+
+    Written by the worker's thread only; other threads read the numbers as they stand (a
+    scrape between two additions sees a step half counted, never a wrong total).
+    """
+
+    steps: int = 0  # llama_decode calls of the target model
+    tokens: int = 0  # batch rows they decoded: prompt chunks, generated and drafted tokens
+    slots: int = 0  # active slots, summed over the steps
+    runs: int = 0  # runs of consecutive sequences in the batches: llama.cpp computes each apart
+    build: float = 0.0  # seconds starting jobs, dropping cancelled ones and filling the batch
+    draft: float = 0.0  # in the draft model's own decodes
+    decode: float = 0.0  # in llama_decode, waiting to take the GIL back after it included
+    sample: float = 0.0  # penalties, logit bias, the sampler chain, logprobs, drafts verified
+    emit: float = 0.0  # detokenizing, stop strings, grammars' budgets, handing text over
+
+    PHASES = ("build", "draft", "decode", "sample", "emit")
+
+    def __add__(self, other: StepTimes) -> StepTimes:
+        return StepTimes(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,8 @@ class Worker:
         self.speculation = speculation
         self.drafted_tokens = 0  # tokens drafted and verified, and how many were accepted
         self.accepted_tokens = 0
+        self.times = StepTimes()
+        self._step_began = 0.0  # when the work towards the next step began
         self._state_sink = state_sink
         self._min_saved_tokens = min_saved_tokens
         self.n_slots = n_slots
@@ -484,6 +511,8 @@ class Worker:
                 item = self._inbox.get(block=block)
             except queue.Empty:
                 return True
+            if block:  # idle until now: the time waiting for a job is no step's
+                self._step_began = time.perf_counter()
             block = False
             if item is None:
                 self._refuse_waiting()
@@ -663,6 +692,7 @@ class Worker:
     def _step(self) -> None:
         """One ``llama_decode`` over every active slot, then sample those that need it."""
         assert self._ctx is not None and self._batch is not None
+        times = self.times
         batch = self._batch.batch
         n = 0
         fed: list[tuple[_Slot, int]] = []
@@ -670,6 +700,7 @@ class Worker:
         order = sorted(self._active.values(), key=lambda s: len(s.pending) > 1)
         if self._dctx is not None:
             drafting = [s for s in order if len(s.pending) == 1 and not s.forced]
+            began = time.perf_counter()
             try:
                 self._model_drafts(drafting)
             except Exception:  # drafts are an optimisation: the step goes on without them
@@ -677,9 +708,14 @@ class Worker:
                 self._forget_drafts()
                 for slot in drafting:
                     slot.drafted = []
+            drafted = time.perf_counter()
+            times.draft += drafted - began
+            times.build -= drafted - began  # counted once, as drafting
         generating = sum(1 for s in order if len(s.pending) == 1)
         # While prompts wait to be read, drafts take at most half of the batch.
         kept_for_prompts = self.n_batch // 2 if len(order) > generating else 0
+        takes: list[tuple[_Slot, list[int]]] = []
+        runs = 0
         for slot in order:
             room = self.n_batch - n
             if room <= 0:
@@ -689,7 +725,6 @@ class Worker:
                 generating -= 1
             # Drafts leave a row for each generating slot still to be placed.
             draft_room = room - 1 - generating - kept_for_prompts
-            cached = self._cached[slot.seq]
             slot.draft = []
             if len(slot.pending) == 1 and self.speculation is not None and not slot.forced:
                 if self._dctx is not None:
@@ -699,6 +734,17 @@ class Worker:
                 else:
                     slot.draft = self._draft(slot, draft_room)
                 take = take + slot.draft
+            takes.append((slot, take))
+            n += len(take)
+        # The rows go in by sequence: llama.cpp splits a batch over sequences kept apart
+        # (non-unified KV cache) into one compute per run of consecutive increasing sequence
+        # ids, so slots in any other order would cost a pass over the weights each.
+        takes.sort(key=lambda taken: taken[0].seq)
+        n, last = 0, -2
+        for slot, take in takes:
+            runs += slot.seq != last + 1
+            last = slot.seq
+            cached = self._cached[slot.seq]
             for i, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = len(cached) + i
@@ -718,8 +764,17 @@ class Worker:
                 batch.logits[n - 1] = True
             fed.append((slot, len(take)))
         batch.n_tokens = n
+        built = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        decoded = time.perf_counter()
+        times.steps += 1
+        times.tokens += n
+        times.slots += len(order)
+        times.runs += runs
+        times.build += built - self._step_began
+        times.decode += decoded - built
         if status != 0:
+            self._step_began = decoded
             raise RuntimeError(f"llama_decode failed ({status})")
         for slot, count in fed:
             self._cached[slot.seq].extend(slot.pending[:count])
@@ -737,12 +792,16 @@ class Worker:
             tokens = list(self._samplers.map(self._sample, sampling))
         else:
             tokens = [self._sample(slot) for slot in sampling]
+        sampled_at = time.perf_counter()
+        times.sample += sampled_at - decoded
         for slot, sampled in zip(sampling, tokens, strict=True):
             try:
                 self._after_sample(slot, sampled)
             except Exception as exc:  # this slot's job ends; the others go on
                 logger.exception("worker %d: a job failed", self.index)
                 self._end(slot, Failed(exc))
+        self._step_began = time.perf_counter()
+        times.emit += self._step_began - sampled_at
 
     def _draft(self, slot: _Slot, room: int) -> list[int]:
         """Tokens to verify with this slot's next one: what followed the reply's last n-gram

@@ -56,6 +56,22 @@ def test_metrics_count_requests_waits_and_tokens(settings_kwargs: dict[str, Any]
         assert metric(text, "llamastream_slots") == 2
         assert metric(text, "llamastream_busy_slots") == 0
         assert metric(text, "llamastream_queue_depth") == 0
+        # The worker's own step timers: one decode per generated token at least (the prompt's
+        # step included), every row of each counted, and time in each phase a step has.
+        generated = metric(text, "llamastream_generated_tokens_total")
+        steps = metric(text, "llamastream_decode_steps_total")
+        assert steps >= generated
+        rows = metric(text, "llamastream_decode_step_tokens_total")
+        assert rows >= steps + metric(text, "llamastream_prompt_tokens_total") - 1
+        assert metric(text, "llamastream_decode_step_slots_total") == steps  # one slot in use
+        assert metric(text, "llamastream_decode_step_runs_total") == steps
+        for phase in ("build", "decode", "sample", "emit"):
+            assert metric(text, "llamastream_decode_step_seconds_total", phase=phase) > 0, phase
+        assert metric(text, "llamastream_decode_step_seconds_total", phase="draft") == 0
+        # Every event the worker handed over was taken by the stream, each after some wait.
+        events = metric(text, "llamastream_stream_events_total")
+        assert events >= 2  # text, and the end
+        assert 0 < metric(text, "llamastream_stream_event_wait_seconds_total") < events * 5
         # Unknown paths share one label value: no label per probed URL.
         client.get("/no/such/path/12345")
         text = client.get("/metrics").text

@@ -146,6 +146,29 @@ def test_batched_slots_give_the_same_replies_as_alone(worker: Worker, tiny_model
     assert ends[0] == ends[1]
 
 
+def test_a_step_feeds_its_slots_in_sequence_order(worker: Worker, prompt: list[int]) -> None:
+    """Slots that started in any order go into each batch by sequence, so that llama.cpp
+    computes consecutive slots in one pass (a gap between slots costs a pass of its own)."""
+
+    def lockstep(seqs: list[int]) -> tuple[int, int]:
+        before = dataclasses.replace(worker.times)
+        params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+        jobs = [Job(prompt[:12], params, lambda e: None) for _ in seqs]  # all in one batch
+        gate = threading.Event()
+        worker.call(gate.wait)  # all start in one step, and end in one
+        for seq, job in zip(seqs, jobs, strict=True):
+            worker.submit(job, seq)
+        gate.set()
+        for job in jobs:
+            assert job.done.wait(60)
+        return worker.times.steps - before.steps, worker.times.runs - before.runs
+
+    steps, runs = lockstep([3, 1, 0, 2])  # started out of order
+    assert steps >= 12 and runs == steps
+    steps, runs = lockstep([2, 0])  # a gap: two runs each step
+    assert steps >= 12 and runs == 2 * steps
+
+
 def test_a_long_prompt_does_not_stall_a_running_stream(worker: Worker, prompt: list[int]) -> None:
     long_prompt = prompt * 40  # read in chunks of n_batch (64) over many steps
     order: list[str] = []
