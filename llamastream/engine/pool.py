@@ -491,14 +491,19 @@ class WorkerPool:
         return best
 
     def least_loaded(self, candidates: list[int]) -> int | None:
-        """The first of the free ``candidates`` on the worker with the fewest busy slots."""
+        """A free slot of ``candidates`` on the worker with the fewest busy slots: of its free
+        slots, the one next to the most busy ones of that worker (a step computes each run of
+        consecutive busy slots apart), then the first."""
         free = collections.Counter(self._slot_place[slot][0].index for slot in candidates)
-        best, best_busy = None, 0
+        idle = {self._slot_place[slot] for slot in candidates}
+        best, best_key = None, (0, 0)
         for slot in candidates:
-            worker = self._slot_place[slot][0]
-            busy = worker.n_slots - free[worker.index]
-            if best is None or busy < best_busy:
-                best, best_busy = slot, busy
+            worker, seq = self._slot_place[slot]
+            neighbours = [(worker, s) for s in (seq - 1, seq + 1) if 0 <= s < worker.n_slots]
+            busy_next = sum(place not in idle for place in neighbours)
+            key = (worker.n_slots - free[worker.index], -busy_next)
+            if best is None or key < best_key:
+                best, best_key = slot, key
         return best
 
     def submit(self, slot: int, job: Job) -> None:

@@ -86,9 +86,10 @@ class SlotController:
         neither is left (``count`` above the slots there are: `InvalidRequestError`).
 
         A free ``prefer`` slot (the one that served the conversation last, whose KV cache still
-        holds its history) is taken first; otherwise the slot free the longest, which keeps
-        other conversations' caches alive the longest. Slots go to tickets in the order they
-        came: a ticket waiting for several holds those freed until it has them all.
+        holds its history) is taken first; otherwise a free slot next to busy ones (see
+        `_pick`), of those the one free the longest, which keeps other conversations' caches
+        alive the longest. Slots go to tickets in the order they came: a ticket waiting for
+        several holds those freed until it has them all.
         """
         if count > self.n_slots:
             raise InvalidRequestError(
@@ -100,7 +101,7 @@ class SlotController:
                 self._free.remove(prefer)
                 self._give(ticket, prefer)
             while not ticket.granted:
-                self._give(ticket, self._free.popleft())
+                self._give(ticket, self._pick())
         elif len(self._waiting) < self.max_queue:
             self._waiting.append(ticket)
             self._hand_out()
@@ -125,6 +126,22 @@ class SlotController:
         rounds = (len(self._waiting) + 1) / self.n_slots
         return max(1, math.ceil(typical * rounds))
 
+    def _pick(self) -> int:
+        """Take the free slot next to the most busy ones; among equals, the one free the longest.
+
+        A worker's step computes each run of consecutive busy slots apart (llama.cpp's
+        sequences kept apart), one pass over the weights each: busy slots kept together make
+        fewer runs. With no slot busy, the slot free the longest.
+        """
+        free = set(self._free)
+
+        def busy_neighbours(slot: int) -> int:
+            return sum(0 <= s < self.n_slots and s not in free for s in (slot - 1, slot + 1))
+
+        best = max(self._free, key=busy_neighbours)  # the first of the best: free the longest
+        self._free.remove(best)
+        return best
+
     def _give(self, ticket: Ticket, slot: int) -> None:
         self._held_since[slot] = time.monotonic()
         ticket._take(slot)
@@ -133,7 +150,7 @@ class SlotController:
         """Free slots to the waiting tickets, first come first served."""
         while self._waiting and self._free:
             head = self._waiting[0]
-            self._give(head, self._free.popleft())
+            self._give(head, self._pick())
             if head.granted:
                 self._waiting.popleft()
 

@@ -545,6 +545,21 @@ async def test_least_loaded_worker_takes_new_conversations(tiny_model: Path) -> 
         await pool.stop()
 
 
+async def test_new_conversations_join_the_busy_slots_of_their_worker(tiny_model: Path) -> None:
+    """Of the least loaded worker's free slots, one next to its busy ones (a step computes
+    each run of consecutive busy slots apart); slots of another worker are no neighbours."""
+    pool = WorkerPool(settings(tiny_model, num_of_concurrent_executions=6, workers=2))
+    await pool.start()
+    try:
+        assert [w.n_slots for w in pool.workers] == [3, 3]  # slots 0, 1, 2 | 3, 4, 5
+        # Busy: 0 (worker 0) and 3 (worker 1). Slot 2 is free the longest, but its only
+        # neighbour of its worker (1) is free; 3, next to it, is another worker's.
+        assert pool.least_loaded([2, 1, 4, 5]) == 1
+        assert pool.least_loaded([2, 5, 4]) == 4  # worker 1's 4 is next to its busy 3
+    finally:
+        await pool.stop()
+
+
 # Quantized KV caches on the CPU
 
 

@@ -113,3 +113,21 @@ async def test_a_waiting_ticket_for_several_gives_back_what_it_held() -> None:
     with pytest.raises(InvalidRequestError) as too_many:
         slots.reserve(count=3)
     assert too_many.value.field == "n"
+
+
+async def test_new_tickets_take_free_slots_next_to_busy_ones() -> None:
+    """Busy slots kept together: a worker's step computes each run of consecutive busy
+    slots apart."""
+    slots = SlotController(n_slots=6, max_queue=0)
+    tickets = [slots.reserve() for _ in range(6)]
+    for i in (5, 4, 0, 2):
+        tickets[i].release()  # free, the longest first: 5, 4, 0, 2; busy: 1 and 3
+    assert slots.reserve().slot == 2  # between two busy slots: the two runs become one
+    assert slots.reserve().slot == 4  # next to busy 3 (as 0 is next to 1): free longer
+    assert slots.reserve().slot == 5
+    assert slots.reserve().slot == 0
+    idle = SlotController(n_slots=3, max_queue=0)
+    first = [idle.reserve() for _ in range(3)]
+    for i in (2, 0, 1):
+        first[i].release()
+    assert idle.reserve().slot == 2  # none busy: the slot free the longest
