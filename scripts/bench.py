@@ -117,10 +117,10 @@ def eog_tokens(model: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def server(name: str, args: list[str], port: int, log_dir: Path) -> Iterator[str]:
+def server(name: str, args: list[str], port: int, log_dir: Path, cwd: Path = ROOT) -> Iterator[str]:
     """Run a server (its output in ``log_dir/<name>.log``) until it answers; its URL."""
     log = (log_dir / f"{name}.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -365,17 +365,18 @@ def measure_restart(
     args: argparse.Namespace,
     log_dir: Path,
     state_dir: Path | None,
+    cwd: Path = ROOT,
 ) -> Restart:
     """``args.turns`` turns of ``args.conversations`` conversations, a restart (SIGTERM, the
     same command and directories), and one more turn of each."""
     histories: list[list[dict[str, str]]] = [[] for _ in range(args.conversations)]
     label = re.sub(r"\W+", "-", name)
-    with server(label, cmd, port, log_dir) as url:
+    with server(label, cmd, port, log_dir, cwd) as url:
         played = asyncio.run(conversation_turns(url, histories, range(args.turns), args, extra))
     result = Restart(first=played[0], before=played[-1])
     if state_dir is not None and state_dir.exists():
         result.disk_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
-    with server(label + "-restarted", cmd, port, log_dir) as url:
+    with server(label + "-restarted", cmd, port, log_dir, cwd) as url:
         after = asyncio.run(
             conversation_turns(url, histories, range(args.turns, args.turns + 1), args, extra)
         )
@@ -514,6 +515,15 @@ def main() -> None:
         "lost their slot are not saved)",
     )
     parser.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also measure llamastream from another checkout of it (say a git worktree of an "
+        "earlier commit: its code, this environment's packages), to compare two versions in "
+        "one run (repeatable)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -530,6 +540,7 @@ def main() -> None:
     wanted = set(args.only or ["raw", "llamastream", "llama-cpp-python", "llama-server"])
     py = sys.executable
     targets: list[tuple[str, list[str], dict[str, Any], int]] = []
+    checkouts: dict[str, Path] = {}  # targets run from another checkout of llamastream
     port = free_port()
     if "llamastream" in wanted:
         cmd = [
@@ -558,6 +569,13 @@ def main() -> None:
             "warning",
         ]
         targets.append(("llamastream", cmd, {"ignore_eos": True}, port))
+        for label, checkout in (c.partition("=")[::2] for c in args.checkout):
+            port = free_port()
+            other = [*cmd, "--port", str(port)]
+            other[other.index("--session-dir") + 1] = tempfile.mkdtemp(dir=log_dir)
+            # `python -m` imports the package from its working directory first.
+            checkouts[f"llamastream, {label}"] = Path(checkout).resolve()
+            targets.append((f"llamastream, {label}", other, {"ignore_eos": True}, port))
         variants = [v.partition("=")[::2] for v in args.variant]
         if args.without_saved_caches:
             variants.insert(0, ("no saved caches", "--kv-state-bytes 0"))
@@ -622,7 +640,9 @@ def main() -> None:
             state_dir = None
             if "--session-dir" in cmd:
                 state_dir = Path(cmd[cmd.index("--session-dir") + 1]) / "kv-states"
-            restarts[name] = measure_restart(name, cmd, port, extra, args, log_dir, state_dir)
+            restarts[name] = measure_restart(
+                name, cmd, port, extra, args, log_dir, state_dir, checkouts.get(name, ROOT)
+            )
         write_restart_report(args, restarts)
         return
     runs: dict[str, list[list[Level]]] = {}
@@ -638,7 +658,7 @@ def main() -> None:
             label = re.sub(r"\W+", "-", name)
             # llama-server's timing lines are read from its log.
             log = log_dir / f"{label}.log" if cmd[0] == str(args.llama_server) else None
-            with server(label, cmd, port, log_dir) as url:
+            with server(label, cmd, port, log_dir, checkouts.get(name, ROOT)) as url:
                 asyncio.run(
                     measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
                 )  # warm-up
