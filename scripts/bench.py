@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -196,12 +197,13 @@ PASSAGE = (
 
 
 def request_body(i: int, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``i``-th request of a level: a prompt of its own (the number is in it)."""
     topic = TOPICS[i % len(TOPICS)]
     content = f"Story {i}: tell me a long, detailed story about {topic}."
     if args.task == "echo":
         content = (
-            f"Rewrite this text word for word, changing only 'lighthouse' to '{topic}', then "
-            f"go on:\n\n{PASSAGE}"
+            f"Text {i}. Rewrite this text word for word, changing only 'lighthouse' to "
+            f"'{topic}', then go on:\n\n{PASSAGE}"
         )
     return {
         "model": args.model_id,
@@ -262,10 +264,20 @@ def server_timings(log: str) -> dict[str, float]:
 
 
 async def measure_level(
-    url: str, c: int, args: argparse.Namespace, extra: dict[str, Any], log: Path | None = None
+    url: str,
+    c: int,
+    args: argparse.Namespace,
+    extra: dict[str, Any],
+    log: Path | None = None,
+    first: int | None = None,
 ) -> Level:
     """``c`` clients, ``args.rounds`` requests each; with the server's step counters (or,
-    from ``log``, llama-server's timing lines) over the level."""
+    from ``log``, llama-server's timing lines) over the level.
+
+    The requests' prompts are numbered from ``first`` (by default ``c`` x 10,000): no level
+    sends a prompt an earlier level (or the warm-up, from 0) sent, which a server caching
+    whole prompts would answer without reading them.
+    """
     level = Level(c)
     before = await asyncio.to_thread(step_counters, url)
     log_at = log.stat().st_size if log is not None else 0
@@ -273,7 +285,7 @@ async def measure_level(
     async with httpx.AsyncClient(
         timeout=timeout, limits=httpx.Limits(max_connections=c + 4)
     ) as client:
-        counter = iter(range(10**6))
+        counter = itertools.count(c * 10_000 if first is None else first)
 
         async def user() -> None:
             for _ in range(args.rounds):
@@ -659,9 +671,8 @@ def main() -> None:
             # llama-server's timing lines are read from its log.
             log = log_dir / f"{label}.log" if cmd[0] == str(args.llama_server) else None
             with server(label, cmd, port, log_dir, checkouts.get(name, ROOT)) as url:
-                asyncio.run(
-                    measure_level(url, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), extra)
-                )  # warm-up
+                warm_up = argparse.Namespace(**{**vars(args), "rounds": 1})
+                asyncio.run(measure_level(url, 1, warm_up, extra, first=0))
                 levels = [
                     asyncio.run(measure_level(url, c, args, extra, log)) for c in args.concurrency
                 ]
