@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,83 @@ def measure_restart(
     return result
 
 
+def worker_alone(args: argparse.Namespace) -> list[Level]:
+    """llamastream's engine with nothing else in its process: a `Worker` of ``--slots`` slots
+    fed directly (no HTTP, no event loop, no other thread), ``c`` requests started in one step
+    per round. What the server's steps cost without the server around them.
+    """
+    import dataclasses
+    import threading
+
+    from llamastream.engine.gpu import Offload
+    from llamastream.engine.sampling import SamplingParams
+    from llamastream.engine.worker import Event, Finished, Job, TextChunk, Worker, load_llama
+
+    vocab = load_llama(str(args.model), vocab_only=True)
+    template = ChatTemplate.from_metadata(vocab.metadata, bos="", eos="")
+    worker = Worker(
+        0,
+        str(args.model),
+        n_slots=args.slots,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        offload=Offload(n_gpu_layers=args.n_gpu_layers),
+    )
+    worker.start().result(300)
+    params = SamplingParams(
+        temperature=0.0, repeat_penalty=1.0, max_new_tokens=args.tokens, ignore_eos=True
+    )
+    numbers = itertools.count(10**6)  # prompts of their own, as the servers' levels have
+    levels = []
+
+    def listener(level: Level, firsts: list[float], i: int) -> Callable[[Event], None]:
+        """Job ``i``'s listener: when its first text came, and its tokens."""
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, TextChunk) and event.text and not firsts[i]:
+                firsts[i] = time.perf_counter()
+            if isinstance(event, Finished):
+                level.tokens += event.completion_tokens
+
+        return on_event
+
+    try:
+        for c in args.concurrency:
+            level = Level(c)
+            before = dataclasses.replace(worker.times)
+            start = time.perf_counter()
+            for _ in range(args.rounds):
+                firsts = [0.0] * c
+                jobs = []
+                for i in range(c):
+                    body = request_body(next(numbers), args, {})
+                    prompt = vocab.tokenize(
+                        template.render(body["messages"]).encode(), special=True
+                    )
+                    jobs.append(Job(prompt, params, listener(level, firsts, i)))
+                gate = threading.Event()
+                worker.call(gate.wait)  # every job of the round starts in one step
+                for seq, job in enumerate(jobs):
+                    worker.submit(job, seq)
+                began = time.perf_counter()
+                gate.set()
+                for job in jobs:
+                    job.done.wait(args.timeout)
+                level.ttft += [t - began for t in firsts if t]
+                level.requests += c
+            level.wall = time.perf_counter() - start
+            after = worker.times
+            level.steps = {
+                f.name: float(getattr(after, f.name) - getattr(before, f.name))
+                for f in dataclasses.fields(after)
+            }
+            levels.append(level)
+    finally:
+        worker.stop()
+        vocab.close()
+    return levels
+
+
 def raw_floor(args: argparse.Namespace) -> Level:
     """In-process llama-cpp-python, token by token, one request at a time: the floor.
 
@@ -439,6 +516,9 @@ def raw_floor(args: argparse.Namespace) -> Level:
             level.ttft.append(ttft)
     llama.close()
     return level
+
+
+WORKER = "llamastream's worker alone (in-process)"
 
 
 def machine() -> str:
@@ -486,7 +566,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        help="measure only these: raw llamastream llama-cpp-python llama-server",
+        help="measure only these: raw llamastream llama-cpp-python llama-server worker (the "
+        "worker alone, in-process: the server's steps without HTTP)",
     )
     parser.add_argument(
         "--restart",
@@ -549,7 +630,7 @@ def main() -> None:
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "llamastream-bench"
     log_dir.mkdir(exist_ok=True)
     eog = eog_tokens(args.model)
-    wanted = set(args.only or ["raw", "llamastream", "llama-cpp-python", "llama-server"])
+    wanted = set(args.only or ["raw", "llamastream", "llama-cpp-python", "llama-server", "worker"])
     py = sys.executable
     targets: list[tuple[str, list[str], dict[str, Any], int]] = []
     checkouts: dict[str, Path] = {}  # targets run from another checkout of llamastream
@@ -663,6 +744,9 @@ def main() -> None:
         print("raw in-process llama-cpp-python …", flush=True)
         runs["raw llama-cpp-python (in-process)"] = [[raw_floor(args)]]
     for repeat in range(args.repeat):
+        if "worker" in wanted:
+            print(f"{WORKER} (run {repeat + 1} of {args.repeat}) …", flush=True)
+            runs.setdefault(WORKER, []).append(worker_alone(args))
         # Every server once per repeat, in turn (the order reversed every other repeat), so
         # that a slow spell of a shared machine falls on all of them.
         for name, cmd, extra, port in targets if repeat % 2 == 0 else targets[::-1]:
@@ -834,12 +918,13 @@ def step_table(results: dict[str, list[Level]]) -> list[str]:
             if st.get("steps"):
                 n = st["steps"]
                 busy = sum(st.get(p, 0.0) for p in PHASES)
-                wait = st.get("event_wait", 0.0) / max(st.get("events", 0.0), 1.0) * 1000
+                events = st.get("events")  # (none without a server)
+                wait = f"{st['event_wait'] / events * 1000:.2f}" if events else "-"
                 per = " | ".join(f"{st.get(p, 0.0) / n * 1000:.1f}" for p in PHASES)
                 rows.append(
                     f"| {name} | {lv.concurrency} | {busy / n * 1000:.1f} | {per} | "
                     f"{st['slots'] / n:.1f} | {st['tokens'] / n:.1f} | {st['runs'] / n:.2f} | "
-                    f"{100 * busy / lv.wall:.0f}% | {wait:.2f} | - | - |"
+                    f"{100 * busy / lv.wall:.0f}% | {wait} | - | - |"
                 )
             elif tm.get("eval_tokens"):
                 eval_ms = tm["eval_ms"] / tm["eval_tokens"]

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(tiny_model)]
-    cmd += ["--only", "raw", "llamastream", "--concurrency", "1", "2", "--tokens", "8"]
+    cmd += ["--only", "raw", "llamastream", "worker", "--concurrency", "1", "2", "--tokens", "8"]
     cmd += ["--rounds", "1", "--slots", "2", "--n-ctx", "512", "--conversations", "2"]
     cmd += ["--turns", "2", "--reply-tokens", "4", "--timeout", "60"]
     cmd += ["--name", "smoke", "--out", str(tmp_path)]
@@ -33,6 +33,11 @@ def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert per_step > 0 and phases[2] > 0  # time in llama_decode
     assert abs(sum(phases) - per_step) <= 0.3  # (six figures, each rounded to 0.1 ms)
     assert 1 <= float(cells[6]) <= 2  # active slots per step
+    # The worker alone (in-process, no server): its own rate and steps.
+    alone = [line for line in report.splitlines() if line.startswith("| llamastream's worker")]
+    assert len(alone) == 4  # two levels, two step rows
+    assert float(alone[1].split("|")[3]) > 0  # tokens/s at concurrency 2
+    assert float(alone[3].split("|")[3]) > 0  # ms per step
 
 
 def test_bench_restart_smoke(tiny_model: Path, tmp_path: Path) -> None:
