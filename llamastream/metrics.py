@@ -43,9 +43,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._drafts: dict[str, Callable[[], tuple[int, int]]] = {}
         self._steps: dict[str, Callable[[], StepTimes]] = {}
-        registry.register(_Collector(self._collect_drafts))
         registry.register(_Collector(self._collect_steps))
         self.http_requests = Counter(
             "llamastream_http_requests",
@@ -132,36 +130,15 @@ class Metrics:
         name: str,
         slots: SlotController,
         loaded: Callable[[], bool],
-        drafts: Callable[[], tuple[int, int]] = lambda: (0, 0),
         steps: Callable[[], StepTimes] = StepTimes,
     ) -> None:
         """Report a configured model's slots, queue and state under its ``model`` label;
-        ``drafts``: its speculative tokens drafted and accepted so far; ``steps``: what its
-        decode steps took so far."""
-        self._drafts[name] = drafts
+        ``steps``: what its decode steps took and drafted so far."""
         self._steps[name] = steps
         self.queue_depth.labels(name).set_function(lambda: slots.load().waiting)
         self.busy_slots.labels(name).set_function(lambda: slots.load().processing)
         self.slots.labels(name).set(slots.n_slots)
         self.loaded.labels(name).set_function(lambda: float(loaded()))
-
-    def _collect_drafts(self) -> Iterator[Metric]:
-        drafted = CounterMetricFamily(
-            "llamastream_draft_tokens",
-            "Speculative tokens drafted and verified (prompt lookup or a draft model).",
-            labels=["model"],
-        )
-        accepted = CounterMetricFamily(
-            "llamastream_draft_accepted_tokens",
-            "Speculative tokens drafted and accepted: generated without a step of their own.",
-            labels=["model"],
-        )
-        for name, drafts in self._drafts.items():
-            made, taken = drafts()
-            drafted.add_metric([name], made)
-            accepted.add_metric([name], taken)
-        yield drafted
-        yield accepted
 
     def _collect_steps(self) -> Iterator[Metric]:
         steps = CounterMetricFamily(
@@ -192,15 +169,27 @@ class Metrics:
             "strings, handing text to the event loop).",
             labels=["model", "phase"],
         )
+        drafted = CounterMetricFamily(
+            "llamastream_draft_tokens",
+            "Speculative tokens drafted and verified (prompt lookup or a draft model).",
+            labels=["model"],
+        )
+        accepted = CounterMetricFamily(
+            "llamastream_draft_accepted_tokens",
+            "Speculative tokens drafted and accepted: generated without a step of their own.",
+            labels=["model"],
+        )
         for name, read in self._steps.items():
             times = read()
+            drafted.add_metric([name], times.drafted)
+            accepted.add_metric([name], times.accepted)
             steps.add_metric([name], times.steps)
             tokens.add_metric([name], times.tokens)
             slots.add_metric([name], times.slots)
             runs.add_metric([name], times.runs)
             for phase in StepTimes.PHASES:
                 seconds.add_metric([name, phase], getattr(times, phase))
-        yield from (steps, tokens, slots, runs, seconds)
+        yield from (drafted, accepted, steps, tokens, slots, runs, seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

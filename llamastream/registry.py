@@ -111,7 +111,6 @@ class ServedModel:
             self.name,
             self.slots,
             lambda: self.state == "loaded",
-            drafts=lambda: self.drafts(),
             steps=lambda: self.step_times(),
         )
         self.state: State = "unloaded"
@@ -125,8 +124,7 @@ class ServedModel:
         self.failed_at = -math.inf  # when the last load failed
         self.retry_after: int | None = None  # the last failure's Retry-After (None: permanent)
         self._closing: dict[str, tuple[int, ...]] = {}  # reasoning tags' closing tokens
-        self._drafts = (0, 0)  # speculative counts of the workers of earlier loads
-        self._times = StepTimes()  # and their steps' times
+        self._times = StepTimes()  # the steps of the workers of earlier loads
 
     # what the routes use
 
@@ -195,13 +193,8 @@ class ServedModel:
             "max_waiting": load.max_waiting,
         }
 
-    def drafts(self) -> tuple[int, int]:
-        """Speculative tokens drafted and accepted since the server started."""
-        made, taken = self.pool.speculation()
-        return made + self._drafts[0], taken + self._drafts[1]
-
     def step_times(self) -> StepTimes:
-        """What the decode steps took since the server started."""
+        """What the decode steps took and drafted since the server started."""
         return self._times + self.pool.step_times()
 
     # use and state
@@ -284,11 +277,7 @@ class ServedModel:
         self._closing.clear()
         workers = list(self.pool.workers)
         await self.pool.stop()
-        made, taken = self._drafts  # counted once the workers are done
-        self._drafts = (
-            made + sum(w.drafted_tokens for w in workers),
-            taken + sum(w.accepted_tokens for w in workers),
-        )
+        # Counted once the workers are done.
         self._times = sum((w.times for w in workers), self._times)
         self.memory = (0, 0)
 

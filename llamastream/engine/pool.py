@@ -225,15 +225,8 @@ class WorkerPool:
             for d in devices
         ]
 
-    def speculation(self) -> tuple[int, int]:
-        """Tokens drafted and verified so far, and how many of them were accepted."""
-        return (
-            sum(w.drafted_tokens for w in self.workers),
-            sum(w.accepted_tokens for w in self.workers),
-        )
-
     def step_times(self) -> StepTimes:
-        """What the workers' decode steps took so far, summed."""
+        """What the workers' decode steps took and drafted so far, summed."""
         return sum((w.times for w in self.workers), StepTimes())
 
     def gpu_bytes(self) -> dict[int, int]:

@@ -118,7 +118,7 @@ StateSink = Callable[[str, SavedState], None]
 
 @dataclass
 class StepTimes:
-    """What a worker's decode steps took, summed since it started.
+    """What a worker's decode steps took and drafted, summed since it started.
 
     Written by the worker's thread only; other threads read the numbers as they stand (a
     scrape between two additions sees a step half counted, never a wrong total).
@@ -133,6 +133,8 @@ class StepTimes:
     decode: float = 0.0  # in llama_decode, waiting to take the GIL back after it included
     sample: float = 0.0  # penalties, logit bias, the sampler chain, logprobs, drafts verified
     emit: float = 0.0  # detokenizing, stop strings, grammars' budgets, handing text over
+    drafted: int = 0  # speculative tokens drafted and verified (past a reply's end: not counted)
+    accepted: int = 0  # of those, the ones taken: generated without a step of their own
 
     PHASES = ("build", "draft", "decode", "sample", "emit")
 
@@ -260,8 +262,6 @@ class Worker:
     ) -> None:
         self.index = index
         self.speculation = speculation
-        self.drafted_tokens = 0  # tokens drafted and verified, and how many were accepted
-        self.accepted_tokens = 0
         self.times = StepTimes()
         self._step_began = 0.0  # when the work towards the next step began
         self._state_sink = state_sink
@@ -917,13 +917,13 @@ class Worker:
                 self._after_sample(slot, token)
                 if slot.seq not in self._active or i == len(draft):
                     break
-                self.drafted_tokens += 1  # (drafts past a reply's end are not counted)
+                self.times.drafted += 1  # (drafts past a reply's end are not counted)
                 if token != draft[i]:
                     break
                 # The drafted token is the one sampled: it is in the cache already.
                 slot.pending = []
                 cached.append(draft[i])
-                self.accepted_tokens += 1
+                self.times.accepted += 1
                 taken += 1
         finally:
             if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, len(cached), -1):

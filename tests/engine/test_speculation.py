@@ -144,7 +144,7 @@ def test_the_same_replies_with_and_without_speculation(
     jobs = [(p, params) for p in prompts]
     # Batched: slots that find drafts beside one that finds none (its prompt never repeats).
     reference = run_all(plain, jobs)
-    before = speculative.drafted_tokens
+    before = speculative.times.drafted
     events = run_all(speculative, jobs)
     assert isinstance(events[0][-1], Finished)
     for got, want in zip(events, reference, strict=True):
@@ -152,7 +152,7 @@ def test_the_same_replies_with_and_without_speculation(
         if comparable(got) == comparable(want):
             assert logprobs_of(got) == pytest.approx(logprobs_of(want), abs=1e-2)
     if params.stop == ():  # (the stop strings end these replies before any draft)
-        assert speculative.drafted_tokens > before  # drafts were made and verified
+        assert speculative.times.drafted > before  # drafts were made and verified
     # Alone too, one after another (different batches, different drafts).
     for tokens, want in zip(prompts, reference, strict=True):
         assert same_until_a_tie(run_all(speculative, [(tokens, params)])[0], want)
@@ -163,10 +163,10 @@ def test_greedy_drafts_are_accepted_and_the_cache_holds_only_the_reply(
 ) -> None:
     plain, speculative = workers
     params = SamplingParams(temperature=0.0, max_new_tokens=120, repeat_penalty=1.0)
-    drafted, accepted = speculative.drafted_tokens, speculative.accepted_tokens
+    drafted, accepted = speculative.times.drafted, speculative.times.accepted
     events = run_all(speculative, [(prompts[0], params)])[0]
-    assert speculative.accepted_tokens - accepted > 0
-    assert speculative.drafted_tokens - drafted >= speculative.accepted_tokens - accepted
+    assert speculative.times.accepted - accepted > 0
+    assert speculative.times.drafted - drafted >= speculative.times.accepted - accepted
     text = "".join(e.text for e in events if isinstance(e, TextChunk))
     # The next turn on the same slot reuses exactly the prompt and the reply (no drafted token
     # left behind in the cache): the same as the plain worker's cache after the same reply.
@@ -228,11 +228,11 @@ def test_a_draft_model_gives_the_same_replies(
     plain, _ = workers
     jobs = [(p, params) for p in prompts]
     reference = run_all(plain, jobs)
-    before = drafting.drafted_tokens
+    before = drafting.times.drafted
     for got, want in zip(run_all(drafting, jobs), reference, strict=True):
         assert same_until_a_tie(got, want)
     if params.stop == ():
-        assert drafting.drafted_tokens > before
+        assert drafting.times.drafted > before
 
 
 def test_greedy_drafts_of_the_model_itself_are_all_accepted(
@@ -240,9 +240,9 @@ def test_greedy_drafts_of_the_model_itself_are_all_accepted(
 ) -> None:
     plain, _ = workers
     params = SamplingParams(temperature=0.0, max_new_tokens=100, repeat_penalty=1.0)
-    drafted, accepted = drafting.drafted_tokens, drafting.accepted_tokens
+    drafted, accepted = drafting.times.drafted, drafting.times.accepted
     events = run_all(drafting, [(prompts[1], params)])[0]
-    made, taken = drafting.drafted_tokens - drafted, drafting.accepted_tokens - accepted
+    made, taken = drafting.times.drafted - drafted, drafting.times.accepted - accepted
     assert made > 50
     assert taken >= 0.95 * made  # (a near-tie may tip the other way in a batched decode)
     assert same_until_a_tie(events, run_all(plain, [(prompts[1], params)])[0])
@@ -301,7 +301,7 @@ def test_drafts_leave_room_for_the_other_slots(tiny_model: Path, prompts: list[l
         first_end = next(k for k, (_, kind) in enumerate(order) if kind == "Finished")
         started = {i for i, kind in order[:first_end] if kind == "TextChunk"}
         assert started == {0, 1, 2}  # every slot generated before the first one finished
-        assert w.drafted_tokens > 0
+        assert w.times.drafted > 0
     finally:
         w.stop()
 
