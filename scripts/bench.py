@@ -63,6 +63,9 @@ class Level:
     # log: generation and prompt milliseconds and tokens of its requests.
     steps: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # CPU seconds over the level: the server's busiest threads (its decoding threads), the
+    # rest of the server, and this benchmark's own process (the client).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     rates: list[float] = field(default_factory=list)  # each repeat's, once merged
 
@@ -84,7 +87,7 @@ def merge(levels: list[Level]) -> Level:
         out.broken += lv.broken
         out.refused += lv.refused
         out.requests += lv.requests
-        for mine, theirs in ((out.steps, lv.steps), (out.timings, lv.timings)):
+        for mine, theirs in ((out.steps, lv.steps), (out.timings, lv.timings), (out.cpu, lv.cpu)):
             for key, value in theirs.items():
                 mine[key] = mine.get(key, 0.0) + value
     return out
@@ -118,8 +121,11 @@ def eog_tokens(model: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def server(name: str, args: list[str], port: int, log_dir: Path, cwd: Path = ROOT) -> Iterator[str]:
-    """Run a server (its output in ``log_dir/<name>.log``) until it answers; its URL."""
+def server(
+    name: str, args: list[str], port: int, log_dir: Path, cwd: Path = ROOT
+) -> Iterator[tuple[str, int]]:
+    """Run a server (its output in ``log_dir/<name>.log``) until it answers; its URL and
+    process id."""
     log = (log_dir / f"{name}.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
@@ -134,7 +140,7 @@ def server(name: str, args: list[str], port: int, log_dir: Path, cwd: Path = ROO
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -252,6 +258,26 @@ def step_counters(url: str) -> dict[str, float]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of process ``pid`` so far (Linux's ``/proc``; empty where
+    there is none)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # from the state, field 3, on
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float], decoding: int) -> dict[str, float]:
+    """CPU seconds between two `thread_cpu` readings: the ``decoding`` busiest threads (a
+    CPU server's decode threads) and the rest of the process."""
+    spent = sorted((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), reverse=True)
+    return {"decode": sum(spent[:decoding]), "rest": sum(spent[decoding:])}
+
+
 def server_timings(log: str) -> dict[str, float]:
     """llama-server's own timing lines (one pair per request): generation and prompt
     milliseconds and tokens, summed."""
@@ -270,9 +296,11 @@ async def measure_level(
     extra: dict[str, Any],
     log: Path | None = None,
     first: int | None = None,
+    pid: int | None = None,
 ) -> Level:
     """``c`` clients, ``args.rounds`` requests each; with the server's step counters (or,
-    from ``log``, llama-server's timing lines) over the level.
+    from ``log``, llama-server's timing lines) over the level, and the CPU time of the
+    server's threads (process ``pid``) and of this process.
 
     The requests' prompts are numbered from ``first`` (by default ``c`` x 10,000): no level
     sends a prompt an earlier level (or the warm-up, from 0) sent, which a server caching
@@ -281,6 +309,8 @@ async def measure_level(
     level = Level(c)
     before = await asyncio.to_thread(step_counters, url)
     log_at = log.stat().st_size if log is not None else 0
+    cpu_before = thread_cpu(pid) if pid is not None else {}
+    client_before = time.process_time()
     timeout = httpx.Timeout(args.timeout)
     async with httpx.AsyncClient(
         timeout=timeout, limits=httpx.Limits(max_connections=c + 4)
@@ -304,6 +334,9 @@ async def measure_level(
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(c)))
         level.wall = time.perf_counter() - start
+    if pid is not None:
+        level.cpu = cpu_split(cpu_before, thread_cpu(pid), decode_threads(args))
+        level.cpu["client"] = time.process_time() - client_before
     after = await asyncio.to_thread(step_counters, url)
     level.steps = {k: v - before.get(k, 0.0) for k, v in after.items()}
     if log is not None:
@@ -383,12 +416,12 @@ def measure_restart(
     same command and directories), and one more turn of each."""
     histories: list[list[dict[str, str]]] = [[] for _ in range(args.conversations)]
     label = re.sub(r"\W+", "-", name)
-    with server(label, cmd, port, log_dir, cwd) as url:
+    with server(label, cmd, port, log_dir, cwd) as (url, _):
         played = asyncio.run(conversation_turns(url, histories, range(args.turns), args, extra))
     result = Restart(first=played[0], before=played[-1])
     if state_dir is not None and state_dir.exists():
         result.disk_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
-    with server(label + "-restarted", cmd, port, log_dir, cwd) as url:
+    with server(label + "-restarted", cmd, port, log_dir, cwd) as (url, _):
         after = asyncio.run(
             conversation_turns(url, histories, range(args.turns, args.turns + 1), args, extra)
         )
@@ -530,6 +563,11 @@ def machine() -> str:
                 break
     system = f"{platform.system()} {platform.release()}"
     return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+
+
+def decode_threads(args: argparse.Namespace) -> int:
+    """How many threads every server decodes with on this CPU (the `threads_note`)."""
+    return int(args.threads or CpuSet.current().physical)
 
 
 def threads_note(args: argparse.Namespace) -> str:
@@ -754,11 +792,12 @@ def main() -> None:
             label = re.sub(r"\W+", "-", name)
             # llama-server's timing lines are read from its log.
             log = log_dir / f"{label}.log" if cmd[0] == str(args.llama_server) else None
-            with server(label, cmd, port, log_dir, checkouts.get(name, ROOT)) as url:
+            with server(label, cmd, port, log_dir, checkouts.get(name, ROOT)) as (url, pid):
                 warm_up = argparse.Namespace(**{**vars(args), "rounds": 1})
                 asyncio.run(measure_level(url, 1, warm_up, extra, first=0))
                 levels = [
-                    asyncio.run(measure_level(url, c, args, extra, log)) for c in args.concurrency
+                    asyncio.run(measure_level(url, c, args, extra, log, pid=pid))
+                    for c in args.concurrency
                 ]
                 runs.setdefault(name, []).append(levels)
                 for level in levels:
@@ -863,6 +902,7 @@ def write_report(
                         f"{ratio(runs, 'llamastream', name, lv.concurrency)}"
                     )
     lines += step_table(results)
+    lines += cpu_table(results, decode_threads(args))
     if multi:
         lines += [
             "",
@@ -956,6 +996,37 @@ def step_table(results: dict[str, list[Level]]) -> list[str]:
         "| slots per step | rows per step | runs per step | in steps | event wait (ms) "
         "| llama-server eval ms per token | llama-server prompt ms per token |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def cpu_table(results: dict[str, list[Level]], decoding: int) -> list[str]:
+    """CPU milliseconds per generated token: the servers' decoding threads, the rest of each
+    server, and the benchmark client."""
+    rows = [
+        f"| {name} | {lv.concurrency} | "
+        + " | ".join(f"{lv.cpu[k] / lv.tokens * 1000:.2f}" for k in ("decode", "rest", "client"))
+        + " |"
+        for name, levels in results.items()
+        for lv in levels
+        if lv.cpu and lv.tokens
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## CPU per generated token",
+        "",
+        "CPU time over the level (`/proc/<pid>/task/*/stat`) per generated token, in "
+        f"milliseconds: the server's {decoding} busiest threads (the threads decoding on this "
+        "CPU), the rest of the server (llamastream: its event loop and thread pool; "
+        "llama-server: its HTTP threads), and this benchmark's own process, the client "
+        "(parsing the streams). On a machine whose cores all decode, every millisecond "
+        "beside decoding is taken from the decode threads.",
+        "",
+        f"| server | concurrency | {decoding} busiest threads (decoding) | rest of the server "
+        "| benchmark client |",
+        "|---|---:|---:|---:|---:|",
         *rows,
     ]
 

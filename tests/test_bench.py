@@ -20,7 +20,8 @@ def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     report = (tmp_path / "smoke.md").read_text()
     assert "- Command: `python scripts/bench.py" in report
     rows = [line for line in report.splitlines() if line.startswith("| llamastream |")]
-    assert len(rows) == 5  # concurrency 1 and 2, their decode steps, and the multi-turn row
+    # concurrency 1 and 2, their decode steps, their CPU per token, and the multi-turn row
+    assert len(rows) == 7
     cells = rows[1].split("|")
     assert float(cells[3]) > 0  # aggregate tokens/s at concurrency 2
     assert cells[6].strip() == "0" and cells[7].strip() == "0"  # nothing broken or refused
@@ -33,6 +34,13 @@ def test_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert per_step > 0 and phases[2] > 0  # time in llama_decode
     assert abs(sum(phases) - per_step) <= 0.3  # (six figures, each rounded to 0.1 ms)
     assert 1 <= float(cells[6]) <= 2  # active slots per step
+    # CPU per generated token: the server's decoding threads, the rest of it, the client.
+    cpu = report.split("## CPU per generated token")[1].split("\n## ")[0]
+    cpu_rows = [line for line in cpu.splitlines() if line.startswith("| llamastream |")]
+    assert [row.split("|")[2].strip() for row in cpu_rows] == ["1", "2"]
+    for row in cpu_rows:
+        decode, rest, client = (float(c) for c in row.split("|")[3:6])
+        assert decode >= 0 and rest >= 0 and client > 0
     # The worker alone (in-process, no server): its own rate and steps.
     alone = [line for line in report.splitlines() if line.startswith("| llamastream's worker")]
     assert len(alone) == 4  # two levels, two step rows
