@@ -105,7 +105,8 @@ class Metrics:
         )
         self.events = Counter(
             "llamastream_stream_events",
-            "Events (text, the end) the workers handed to the streams.",
+            "Events (text, the end) the streams took from the workers, counted as each "
+            "request ends.",
             ["model"],
             registry=registry,
         )

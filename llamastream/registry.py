@@ -146,7 +146,7 @@ class ServedModel:
         """A place for a prompt (``count`` slots for as many candidates): preferably the free
         slot whose cache holds most of it, else a place in the queue, else `QueueFullError`
         (429)."""
-        prefer = self.pool.best_slot(tokens, self.slots.free_slots())
+        prefer = self.pool.best_slot(tokens, self.slots.free_slots(), self.slots.recently_freed())
         return self.slots.reserve(prefer=prefer, count=count)
 
     def respond(self, run: Run) -> WatchedStreamResponse:

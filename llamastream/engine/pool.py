@@ -7,6 +7,7 @@ import collections
 import logging
 import re
 import threading
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -463,15 +464,18 @@ class WorkerPool:
             return None
         return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
-    def best_slot(self, tokens: list[int], candidates: list[int]) -> int | None:
+    def best_slot(
+        self, tokens: list[int], candidates: list[int], recent: Collection[int] = ()
+    ) -> int | None:
         """The candidate slot whose KV cache holds the longest prefix of ``tokens``, if any;
-        else, with several workers, the least loaded worker's candidate free the longest.
+        else, with several workers, the least loaded worker's best candidate (`least_loaded`).
 
         A slot qualifies only if at least half of what it holds is reused: a new conversation
         that merely shares a system prompt must not evict another conversation's cache (the
         caller then takes the slot free the longest). ``candidates`` are the free slots, free
-        the longest first. Reads the workers' bookkeeping from the event loop: a hint, never a
-        guarantee (the worker checks the real prefix at start).
+        the longest first; ``recent`` those freed recently (kept for their conversations' next
+        turns while others are free). Reads the workers' bookkeeping from the event loop: a
+        hint, never a guarantee (the worker checks the real prefix at start).
         """
         best, best_len = None, 0
         for slot in candidates:
@@ -480,21 +484,22 @@ class WorkerPool:
             if n > best_len and 2 * n >= held:
                 best, best_len = slot, n
         if best is None and len(self.workers) > 1:
-            return self.least_loaded(candidates)
+            return self.least_loaded(candidates, recent)
         return best
 
-    def least_loaded(self, candidates: list[int]) -> int | None:
+    def least_loaded(self, candidates: list[int], recent: Collection[int] = ()) -> int | None:
         """A free slot of ``candidates`` on the worker with the fewest busy slots: of its free
-        slots, the one next to the most busy ones of that worker (a step computes each run of
-        consecutive busy slots apart), then the first."""
+        slots, as `SlotController._pick` chooses: one next to a busy slot of that worker (a
+        step computes each run of consecutive busy slots apart), of those one not in
+        ``recent``, then the one next to the most busy ones, then the first."""
         free = collections.Counter(self._slot_place[slot][0].index for slot in candidates)
         idle = {self._slot_place[slot] for slot in candidates}
-        best, best_key = None, (0, 0)
+        best, best_key = None, (0, False, False, 0)
         for slot in candidates:
             worker, seq = self._slot_place[slot]
             neighbours = [(worker, s) for s in (seq - 1, seq + 1) if 0 <= s < worker.n_slots]
             busy_next = sum(place not in idle for place in neighbours)
-            key = (worker.n_slots - free[worker.index], -busy_next)
+            key = (worker.n_slots - free[worker.index], busy_next == 0, slot in recent, -busy_next)
             if best is None or key < best_key:
                 best, best_key = slot, key
         return best

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 from llamastream.errors import InvalidRequestError, QueueFullError
 
+# A slot its request left this recently keeps its KV cache while another slot as good for
+# packing is free: a conversation's next turn (an agent's after a tool call, a client resending
+# the history) finds its prefix there.
+RECENT_S = 2.0
+
 
 @dataclass(frozen=True)
 class Load:
@@ -80,16 +85,17 @@ class SlotController:
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
         self._held_since: dict[int, float] = {}
+        self._freed_at: dict[int, float] = {}  # when each slot's last request left it
 
     def reserve(self, prefer: int | None = None, count: int = 1) -> Ticket:
         """A ticket that holds ``count`` slots or a place in line; `QueueFullError` when
         neither is left (``count`` above the slots there are: `InvalidRequestError`).
 
         A free ``prefer`` slot (the one that served the conversation last, whose KV cache still
-        holds its history) is taken first; otherwise a free slot next to busy ones (see
-        `_pick`), of those the one free the longest, which keeps other conversations' caches
-        alive the longest. Slots go to tickets in the order they came: a ticket waiting for
-        several holds those freed until it has them all.
+        holds its history) is taken first; otherwise `_pick`'s: next to busy ones, of those
+        not one freed in the last `RECENT_S` (a conversation's next turn finds its cache), of
+        those the one free the longest. Slots go to tickets in the order they
+        came: a ticket waiting for several holds those freed until it has them all.
         """
         if count > self.n_slots:
             raise InvalidRequestError(
@@ -110,7 +116,14 @@ class SlotController:
         return ticket
 
     def free_slots(self) -> list[int]:
+        """The free slots, free the longest first."""
         return list(self._free)
+
+    def recently_freed(self) -> set[int]:
+        """Free slots whose last request left them under `RECENT_S` ago: their caches are
+        kept for the conversations' next turns while other slots are free."""
+        now = time.monotonic()
+        return {s for s in self._free if now - self._freed_at.get(s, -math.inf) < RECENT_S}
 
     def load(self) -> Load:
         return Load(
@@ -127,18 +140,23 @@ class SlotController:
         return max(1, math.ceil(typical * rounds))
 
     def _pick(self) -> int:
-        """Take the free slot next to the most busy ones; among equals, the one free the longest.
+        """Take the free slot that adds no run of busy slots (one next to a busy slot), of
+        those one not freed recently (`recently_freed`: its cache may serve its conversation's
+        next turn), then the one next to the most busy ones; among equals, the one free the
+        longest.
 
         A worker's step computes each run of consecutive busy slots apart (llama.cpp's
-        sequences kept apart), one pass over the weights each: busy slots kept together make
-        fewer runs. With no slot busy, the slot free the longest.
+        sequences kept apart), one pass over the weights each: a new run costs every step a
+        pass, more than a conversation reading its history again once, so packing comes first.
         """
         free = set(self._free)
+        recent = self.recently_freed()
 
-        def busy_neighbours(slot: int) -> int:
-            return sum(0 <= s < self.n_slots and s not in free for s in (slot - 1, slot + 1))
+        def rank(slot: int) -> tuple[bool, bool, int]:
+            busy = sum(0 <= s < self.n_slots and s not in free for s in (slot - 1, slot + 1))
+            return (busy > 0, slot not in recent, busy)
 
-        best = max(self._free, key=busy_neighbours)  # the first of the best: free the longest
+        best = max(self._free, key=rank)  # the first of the best: free the longest
         self._free.remove(best)
         return best
 
@@ -160,10 +178,12 @@ class SlotController:
                 self._waiting.remove(ticket)
             except ValueError:
                 pass
+        now = time.monotonic()
         for slot in ticket.slots:  # granted, or held while waiting for more
             held = self._held_since.pop(slot)
-            if ticket.granted:
-                self._durations.append(time.monotonic() - held)
+            if ticket.granted:  # (a slot only held while waiting keeps its earlier cache)
+                self._durations.append(now - held)
+                self._freed_at[slot] = now
             self._free.append(slot)
         ticket.slots = []
         self._hand_out()

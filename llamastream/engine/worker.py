@@ -698,6 +698,7 @@ class Worker:
         fed: list[tuple[_Slot, int]] = []
         # Generating slots first (one token each), then prompt chunks in the room left.
         order = sorted(self._active.values(), key=lambda s: len(s.pending) > 1)
+        draft_s = 0.0  # the draft model's share of the time before the decode
         if self._dctx is not None:
             drafting = [s for s in order if len(s.pending) == 1 and not s.forced]
             began = time.perf_counter()
@@ -708,9 +709,8 @@ class Worker:
                 self._forget_drafts()
                 for slot in drafting:
                     slot.drafted = []
-            drafted = time.perf_counter()
-            times.draft += drafted - began
-            times.build -= drafted - began  # counted once, as drafting
+            draft_s = time.perf_counter() - began
+            times.draft += draft_s
         generating = sum(1 for s in order if len(s.pending) == 1)
         # While prompts wait to be read, drafts take at most half of the batch.
         kept_for_prompts = self.n_batch // 2 if len(order) > generating else 0
@@ -771,7 +771,7 @@ class Worker:
         times.tokens += n
         times.slots += len(order)
         times.runs += runs
-        times.build += built - self._step_began
+        times.build += built - self._step_began - draft_s  # (a counter: never decreases)
         times.decode += decoded - built
         if status != 0:
             self._step_began = decoded
@@ -829,7 +829,8 @@ class Worker:
         dctx, batch = self._dctx, self._dbatch.batch
         want: dict[int, int] = {}
         feed: dict[int, list[int]] = {}
-        for slot in slots:
+        # In sequence order, as the target's rows (one compute per run of consecutive ids).
+        for slot in sorted(slots, key=lambda s: s.seq):
             slot.drafted = []
             limit = self._draft_limit(slot, self.n_batch)
             if limit < spec.draft_min:

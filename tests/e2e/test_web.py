@@ -342,8 +342,10 @@ def test_reasoning_shows_collapsed_apart_from_the_answer(
         " return {hidden: d.hidden, open: d.open, summary: d.querySelector('summary').textContent,"
         " thought: d.querySelector('.thought').textContent, answer: b.dataset.raw}; }"
     )
+    # A reply long enough to be stopped while it streams (the tiny model writes 1,500 tokens
+    # in about a second: it could end before the click).
     with page_on(
-        browser, settings_kwargs, model_path=model, n_ctx=2048, max_new_tokens=1500
+        browser, settings_kwargs, model_path=model, n_ctx=8192, max_new_tokens=8000
     ) as page:
         send(page, "Think hard.")
         # While it streams, the reasoning grows in a collapsed block, apart from the answer.

@@ -556,6 +556,10 @@ async def test_new_conversations_join_the_busy_slots_of_their_worker(tiny_model:
         # neighbour of its worker (1) is free; 3, next to it, is another worker's.
         assert pool.least_loaded([2, 1, 4, 5]) == 1
         assert pool.least_loaded([2, 5, 4]) == 4  # worker 1's 4 is next to its busy 3
+        # A slot freed recently goes last of those next to busy ones: 1 is passed over for
+        # 4, but taken when the other choice (2) would add a run.
+        assert pool.least_loaded([2, 1, 4, 5], recent={1}) == 4
+        assert pool.least_loaded([1, 2], recent={1}) == 1
     finally:
         await pool.stop()
 

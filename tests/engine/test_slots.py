@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from llamastream.engine import slots as slots_module
 from llamastream.engine.slots import SlotController
 from llamastream.errors import InvalidRequestError, QueueFullError
 
@@ -115,9 +116,12 @@ async def test_a_waiting_ticket_for_several_gives_back_what_it_held() -> None:
     assert too_many.value.field == "n"
 
 
-async def test_new_tickets_take_free_slots_next_to_busy_ones() -> None:
+async def test_new_tickets_take_free_slots_next_to_busy_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Busy slots kept together: a worker's step computes each run of consecutive busy
     slots apart."""
+    monkeypatch.setattr(slots_module, "RECENT_S", 0.0)  # no slot counts as freed recently
     slots = SlotController(n_slots=6, max_queue=0)
     tickets = [slots.reserve() for _ in range(6)]
     for i in (5, 4, 0, 2):
@@ -131,3 +135,29 @@ async def test_new_tickets_take_free_slots_next_to_busy_ones() -> None:
     for i in (2, 0, 1):
         first[i].release()
     assert idle.reserve().slot == 2  # none busy: the slot free the longest
+
+
+async def test_a_slot_freed_recently_goes_last_of_those_next_to_busy_ones() -> None:
+    """A conversation's next turn finds its cache, unless keeping it would add a run of busy
+    slots (a pass over the weights every step)."""
+    slots = SlotController(n_slots=5, max_queue=0)
+    tickets = [slots.reserve() for _ in range(5)]
+    for i in (3, 4):
+        tickets[i].release()
+    for slot in (3, 4):  # free for a minute
+        slots._freed_at[slot] -= 60
+    tickets[1].release()  # slot 1, between busy 0 and 2: its conversation may come back
+    assert slots.recently_freed() == {1}
+    # 1 would join two runs into one, but 3 (next to busy 2) adds none and keeps 1's cache.
+    assert [slots.reserve().slot for _ in range(2)] == [3, 4]
+    assert slots.reserve().slot == 1
+
+    alone = SlotController(n_slots=4, max_queue=0)
+    busy, b, c, d = (alone.reserve() for _ in range(4))
+    c.release()
+    d.release()
+    for slot in (2, 3):
+        alone._freed_at[slot] -= 60
+    b.release()  # slot 1, freed just now, is the only free slot next to busy 0
+    assert alone.reserve().slot == 1  # taken: 2 or 3 would add a run
+    assert busy.slot == 0
