@@ -160,7 +160,8 @@ class Metrics:
         runs = CounterMetricFamily(
             "llamastream_decode_step_runs",
             "Runs of consecutive slots summed over the decode steps: llama.cpp computes each "
-            "run of a step apart (a pass over the weights each).",
+            "run of a step apart (a pass over the weights each), and a run in several parts when "
+            "its slots bring unequal numbers of tokens (a prompt chunk, drafts).",
             labels=["model"],
         )
         seconds = CounterMetricFamily(

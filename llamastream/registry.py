@@ -276,9 +276,13 @@ class ServedModel:
     async def _unload(self) -> None:
         self._closing.clear()
         workers = list(self.pool.workers)
-        await self.pool.stop()
-        # Counted once the workers are done.
-        self._times = sum((w.times for w in workers), self._times)
+        try:
+            await self.pool.stop()
+        finally:
+            # Counted here once the pool has let them go (until then it counts them): the
+            # counters never go back, nor count twice.
+            if not self.pool.workers:
+                self._times = sum((w.times for w in workers), self._times)
         self.memory = (0, 0)
 
 

@@ -22,6 +22,7 @@ from llamastream import create_app
 from llamastream.config import ModelConfig, Settings
 from tests.conftest import LiveServer, eventually, wait_idle, write_tiny_gguf
 from tests.e2e.conftest import paused
+from tests.e2e.test_reliability import metric
 
 ADMIN = {"Authorization": "Bearer root"}
 GREEDY = {"temperature": 0, "max_tokens": 8}
@@ -412,6 +413,9 @@ def test_admin_endpoints_load_unload_and_list(shapes: dict[str, Path], tmp_path:
         assert complete(client, "mid").status_code == 200  # loads again and serves
 
 
+SECONDS = "llamastream_decode_step_seconds_total"
+
+
 def test_per_model_metrics_and_load(shapes: dict[str, Path], tmp_path: Path) -> None:
     with served(shapes, tmp_path) as live, live.client() as client:
         assert complete(client, "mid").status_code == 200
@@ -425,6 +429,18 @@ def test_per_model_metrics_and_load(shapes: dict[str, Path], tmp_path: Path) -> 
             assert f'llamastream_model_loaded{{model="{name}"}} 1.0' in metrics
             assert f'llamastream_slots{{model="{name}"}} 2.0' in metrics
         assert 'llamastream_model_loaded{model="big"} 0.0' in metrics
+        # The step counters of a model outlive its unload and grow on after a reload.
+        steps = [metric(metrics, "llamastream_decode_steps_total", model="mid")]
+        decode = [metric(metrics, SECONDS, model="mid", phase="decode")]
+        assert steps[0] > 0 and decode[0] > 0
+        unload = client.post("/admin/models/unload", json={"model": "mid"}, headers=ADMIN)
+        assert unload.status_code == 200
+        for _ in range(2):  # unloaded, then loaded again and used
+            metrics = client.get("/metrics").text
+            steps.append(metric(metrics, "llamastream_decode_steps_total", model="mid"))
+            decode.append(metric(metrics, SECONDS, model="mid", phase="decode"))
+            assert complete(client, "mid").status_code == 200
+        assert steps[0] == steps[1] < steps[2] and decode[0] == decode[1] < decode[2]
         load = client.get("/get_load").json()
         assert load["max_processing"] == 6
         assert load["models"]["big"] == {
