@@ -334,8 +334,8 @@ async def measure_level(
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(c)))
         level.wall = time.perf_counter() - start
-    if cpu_before:  # (no /proc: no CPU figures)
-        level.cpu = cpu_split(cpu_before, thread_cpu(pid or 0), decode_threads(args))
+    if pid is not None and cpu_before:  # (no /proc: no CPU figures)
+        level.cpu = cpu_split(cpu_before, thread_cpu(pid), decode_threads(args))
         level.cpu["client"] = time.process_time() - client_before
     after = await asyncio.to_thread(step_counters, url)
     level.steps = {k: v - before.get(k, 0.0) for k, v in after.items()}

@@ -30,6 +30,7 @@ from llamastream.engine.gpu import (
     plan_placement,
     resolve_workers,
 )
+from llamastream.engine.slots import packing_rank
 from llamastream.engine.states import StateStore, model_fingerprint
 from llamastream.engine.worker import (
     Job,
@@ -494,13 +495,14 @@ class WorkerPool:
         ``recent``, then the one next to the most busy ones, then the first."""
         free = collections.Counter(self._slot_place[slot][0].index for slot in candidates)
         idle = {self._slot_place[slot] for slot in candidates}
-        best, best_key = None, (0, False, False, 0)
+        best, best_key = None, (0, (False, False, 0))
         for slot in candidates:
             worker, seq = self._slot_place[slot]
             neighbours = [(worker, s) for s in (seq - 1, seq + 1) if 0 <= s < worker.n_slots]
             busy_next = sum(place not in idle for place in neighbours)
-            key = (worker.n_slots - free[worker.index], busy_next == 0, slot in recent, -busy_next)
-            if best is None or key < best_key:
+            # The least loaded worker, then the best rank (the first of equals).
+            key = (free[worker.index] - worker.n_slots, packing_rank(busy_next, slot in recent))
+            if best is None or key > best_key:
                 best, best_key = slot, key
         return best
 

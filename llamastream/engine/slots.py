@@ -19,6 +19,14 @@ from llamastream.errors import InvalidRequestError, QueueFullError
 RECENT_S = 2.0
 
 
+def packing_rank(busy_neighbours: int, recent: bool) -> tuple[bool, bool, int]:
+    """How good a free slot is for a new conversation, the higher the better: next to a busy
+    slot (no new run of busy slots: a worker's step computes each run apart, a pass over the
+    weights each), not freed recently (its cache kept for its conversation's next turn), next
+    to more busy slots."""
+    return (busy_neighbours > 0, not recent, busy_neighbours)
+
+
 @dataclass(frozen=True)
 class Load:
     """A snapshot of the controller, as `/get_load` reports it."""
@@ -154,7 +162,7 @@ class SlotController:
 
         def rank(slot: int) -> tuple[bool, bool, int]:
             busy = sum(0 <= s < self.n_slots and s not in free for s in (slot - 1, slot + 1))
-            return (busy > 0, slot not in recent, busy)
+            return packing_rank(busy, slot in recent)
 
         best = max(self._free, key=rank)  # the first of the best: free the longest
         self._free.remove(best)
