@@ -473,7 +473,7 @@ class WorkerPool:
 
         A slot qualifies only if at least half of what it holds is reused: a new conversation
         that merely shares a system prompt must not evict another conversation's cache (the
-        caller then takes the slot free the longest). ``candidates`` are the free slots, free
+        caller then takes `SlotController`'s choice). ``candidates`` are the free slots, free
         the longest first; ``recent`` those freed recently (kept for their conversations' next
         turns while others are free). Reads the workers' bookkeeping from the event loop: a
         hint, never a guarantee (the worker checks the real prefix at start).

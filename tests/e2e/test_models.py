@@ -21,8 +21,7 @@ import pytest
 from llamastream import create_app
 from llamastream.config import ModelConfig, Settings
 from tests.conftest import LiveServer, eventually, wait_idle, write_tiny_gguf
-from tests.e2e.conftest import paused
-from tests.e2e.test_reliability import metric
+from tests.e2e.conftest import metric, paused
 
 ADMIN = {"Authorization": "Bearer root"}
 GREEDY = {"temperature": 0, "max_tokens": 8}

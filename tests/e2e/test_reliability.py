@@ -12,25 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llamastream.api.middleware import RequestIdFilter
 from tests.conftest import eventually, wait_idle
-from tests.e2e.conftest import chat, paused, prompt_of, server
+from tests.e2e.conftest import chat, metric, paused, prompt_of, server
 
 
 def chat_once(live: Any, **body: Any) -> httpx.Response:
     with live.client() as client:
         return chat(client, **body)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus exposition (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def test_metrics_count_requests_waits_and_tokens(settings_kwargs: dict[str, Any]) -> None:
